@@ -1,0 +1,42 @@
+"""ddln_jax: training dynamics of Deep Diagonal Linear Networks in JAX."""
+
+import importlib.metadata
+
+from ._flow import DEFAULT_MAX_STEPS as DEFAULT_MAX_STEPS
+from ._flow import Trajectory as Trajectory
+from ._flow import gradient_flow as gradient_flow
+from ._flow import log_times as log_times
+from ._flow import result_message as result_message
+from ._geometry import ZeroCrossing as ZeroCrossing
+from ._geometry import conservation_residual as conservation_residual
+from ._geometry import corollary1_sigma as corollary1_sigma
+from ._geometry import empirical_rate as empirical_rate
+from ._geometry import lambda_min_along as lambda_min_along
+from ._geometry import metric as metric
+from ._geometry import metric_along as metric_along
+from ._geometry import metric_diag as metric_diag
+from ._geometry import sigma as sigma
+from ._geometry import theorem2_bound as theorem2_bound
+from ._geometry import zero_crossings as zero_crossings
+from ._loss import Exponential as Exponential
+from ._loss import FunctionLoss as FunctionLoss
+from ._loss import LeastSquares as LeastSquares
+from ._loss import Logistic as Logistic
+from ._network import check_assumption_a as check_assumption_a
+from ._network import from_reduced as from_reduced
+from ._network import init_gaussian as init_gaussian
+from ._network import init_yun as init_yun
+from ._network import init_zero_first as init_zero_first
+from ._network import minimal_layer as minimal_layer
+from ._network import theta as theta
+from ._network import to_reduced as to_reduced
+from ._parameterize import difference as difference
+from ._parameterize import tied as tied
+from ._reduced import mirror_flow as mirror_flow
+from ._reduced import reduced_flow as reduced_flow
+from ._reduced import reduced_gap as reduced_gap
+
+try:
+    __version__ = importlib.metadata.version("ddln_jax")
+except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source checkout
+    __version__ = "0.0.0"

@@ -1,0 +1,181 @@
+"""Losses of theta. Least squares uses the paper's convention L(theta) = ||X theta - y||^2
+(no 1/2), so grad L = 2 X^T (X theta - y). Logistic and exponential losses for labels ±1.
+Any callable theta -> scalar is accepted wherever a problem is (see `as_problem`)."""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Scalar
+
+from ._validate import as_float_array, check_finite, is_traced
+
+
+def _check_data(X, y):
+    X = as_float_array("X", X)
+    y = as_float_array("y", y)
+    if X.ndim != 2:
+        raise ValueError(f"`X` must have shape (n, dim), got shape {tuple(X.shape)}.")
+    if y.ndim != 1:
+        raise ValueError(f"`y` must have shape (n,), got shape {tuple(y.shape)}.")
+    if y.shape[0] != X.shape[0]:
+        raise ValueError(
+            f"`X` has {X.shape[0]} rows but `y` has {y.shape[0]} entries: they must match "
+            "(X of shape (n, dim), y of shape (n,))."
+        )
+    return check_finite("X", X), check_finite("y", y)
+
+
+class LeastSquares(eqx.Module):
+    """L(theta) = ||X theta - y||^2 (the paper's convention: no 1/2).
+
+    **Arguments:**
+
+    - `X`: design matrix `(n, dim)`, any shape and rank.
+    - `y`: targets `(n,)`.
+
+    The derived quantities (`theta_ls`, `min_value`, `pl_constant`) are computed on demand
+    from an SVD, so the module stays a plain pytree of `X, y` (jit/vmap friendly).
+    """
+
+    X: Float[Array, "n dim"]
+    y: Float[Array, " n"]
+
+    def __init__(self, X, y):
+        self.X, self.y = _check_data(X, y)
+
+    @property
+    def dim(self) -> int:
+        return self.X.shape[1]
+
+    def loss(self, theta: Float[Array, " dim"]) -> Scalar:
+        r = self.X @ theta - self.y
+        return jnp.sum(r * r)
+
+    def grad(self, theta: Float[Array, " dim"]) -> Float[Array, " dim"]:
+        """2 X^T (X theta - y)."""
+        return 2.0 * self.X.T @ (self.X @ theta - self.y)
+
+    @property
+    def theta_ls(self) -> Float[Array, " dim"]:
+        """The minimum-norm least-squares solution pinv(X) y."""
+        return jnp.linalg.pinv(self.X) @ self.y
+
+    @property
+    def min_value(self) -> Scalar:
+        """L* = min_theta ||X theta - y||^2 (0 when y is in the range of X)."""
+        r = self.X @ self.theta_ls - self.y
+        return jnp.sum(r * r)
+
+    def suboptimality(self, theta: Float[Array, "... dim"]) -> Float[Array, "..."]:
+        """L(theta) - L* computed as ||X (theta - theta_LS)||^2: exact identity for least
+        squares, and free of the cancellation of L - L* when both are large."""
+        r = (theta - self.theta_ls) @ self.X.T
+        return jnp.sum(r * r, axis=-1)
+
+    @property
+    def pl_constant(self) -> Scalar:
+        """mu = 2 * lambda+_min(X^T X), the smallest non-zero eigenvalue: the PL inequality
+        2 mu (L - L*) <= ||grad L||^2 holds for any shape and rank of X."""
+        s = jnp.linalg.svd(self.X, compute_uv=False)
+        ev = s * s
+        tol = jnp.max(ev) * max(self.X.shape) * jnp.finfo(ev.dtype).eps
+        return 2.0 * jnp.min(jnp.where(ev > tol, ev, jnp.inf))
+
+    def __call__(self, theta):
+        return self.loss(theta)
+
+
+class Logistic(eqx.Module):
+    """L(theta) = sum_i log(1 + exp(-y_i <x_i, theta>)) for labels y_i = ±1 (unnormalised, as
+    the least-squares loss)."""
+
+    X: Float[Array, "n dim"]
+    y: Float[Array, " n"]
+
+    def __init__(self, X, y):
+        self.X, self.y = _check_data(X, y)
+        _check_labels(self.y)
+
+    @property
+    def dim(self) -> int:
+        return self.X.shape[1]
+
+    def loss(self, theta):
+        return jnp.sum(jnp.logaddexp(0.0, -self.y * (self.X @ theta)))
+
+    def grad(self, theta):
+        return jax.grad(self.loss)(theta)
+
+    @property
+    def min_value(self):
+        return jnp.zeros((), self.X.dtype)
+
+    def __call__(self, theta):
+        return self.loss(theta)
+
+
+class Exponential(eqx.Module):
+    """L(theta) = sum_i exp(-y_i <x_i, theta>) for labels y_i = ±1."""
+
+    X: Float[Array, "n dim"]
+    y: Float[Array, " n"]
+
+    def __init__(self, X, y):
+        self.X, self.y = _check_data(X, y)
+        _check_labels(self.y)
+
+    @property
+    def dim(self) -> int:
+        return self.X.shape[1]
+
+    def loss(self, theta):
+        return jnp.sum(jnp.exp(-self.y * (self.X @ theta)))
+
+    def grad(self, theta):
+        return jax.grad(self.loss)(theta)
+
+    @property
+    def min_value(self):
+        return jnp.zeros((), self.X.dtype)
+
+    def __call__(self, theta):
+        return self.loss(theta)
+
+
+def _check_labels(y):
+    if not is_traced(y) and not np.all(np.abs(np.asarray(y)) == 1):
+        raise ValueError("`y` must hold labels ±1 for a classification loss.")
+
+
+class FunctionLoss(eqx.Module):
+    """Wraps any differentiable callable theta -> scalar; the gradient is `jax.grad`."""
+
+    fn: Callable = eqx.field(static=True)
+
+    @property
+    def dim(self):
+        return None
+
+    def loss(self, theta):
+        return self.fn(theta)
+
+    def grad(self, theta):
+        return jax.grad(self.fn)(theta)
+
+    def __call__(self, theta):
+        return self.fn(theta)
+
+
+def as_problem(problem):
+    """A problem object (with `.loss`) is returned as is; a callable is wrapped."""
+    if hasattr(problem, "loss") and callable(problem.loss):
+        return problem
+    if callable(problem):
+        return FunctionLoss(problem)
+    raise TypeError(
+        "`problem` must be a loss object (e.g. `dd.LeastSquares(X, y)`) or a callable "
+        f"theta -> scalar, got {type(problem).__name__}."
+    )
