@@ -4,13 +4,16 @@ conservation laws (Prop 1) and zero crossings."""
 from collections.abc import Callable
 from typing import NamedTuple
 
+import diffrax as dfx
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float
 
-from ._flow import Trajectory
+from ._flow import Trajectory, layer_vector_field
+from ._loss import as_problem
 from ._network import minimal_layer
 from ._network import theta as product_theta
 from ._validate import check_depth, check_layers
@@ -101,11 +104,15 @@ class ZeroCrossing(NamedTuple):
     time: float
 
 
-def zero_crossings(traj: Trajectory) -> list[ZeroCrossing]:
-    """Sign changes of each u^j_i between saved times, located by linear interpolation.
+def zero_crossings(traj: Trajectory, problem=None, *, rtol=1e-11, atol=1e-13):
+    """Sign changes of each u^j_i between saved times.
 
-    Under (A) only the argmin layer k_i can cross zero (Prop 1.2). Resolution is that of the
-    save times: use dense `ts` (or refine with an event solve) for precise times.
+    Under (A) only the argmin layer k_i can cross zero (Prop 1.2). Each crossing is
+    bracketed by the save times; without `problem` its time is linearly interpolated, with
+    `problem` (the one the trajectory solved) it is refined by re-solving the layer flow over
+    the bracket with dense output and bisecting on u^j_i (accurate to the tolerances).
+
+    **Returns:** a list of `ZeroCrossing(coordinate, layer, time)`, sorted by coordinate, time.
     """
     ts = np.asarray(traj.ts)
     u = np.asarray(traj.layers)
@@ -113,6 +120,40 @@ def zero_crossings(traj: Trajectory) -> list[ZeroCrossing]:
     a, b = u[:-1], u[1:]
     t_idx, j_idx, i_idx = np.nonzero(a * b < 0)
     for t, j, i in zip(t_idx, j_idx, i_idx):
-        frac = a[t, j, i] / (a[t, j, i] - b[t, j, i])
-        out.append(ZeroCrossing(int(i), int(j), float(ts[t] + frac * (ts[t + 1] - ts[t]))))
+        if problem is None:
+            frac = a[t, j, i] / (a[t, j, i] - b[t, j, i])
+            time = float(ts[t] + frac * (ts[t + 1] - ts[t]))
+        else:
+            time = float(
+                _refine_crossing(
+                    traj.layers[t], as_problem(problem), traj.ts[t], traj.ts[t + 1],
+                    int(j), int(i), jnp.asarray(rtol), jnp.asarray(atol),
+                )
+            )
+        out.append(ZeroCrossing(int(i), int(j), time))
     return sorted(out, key=lambda z: (z.coordinate, z.time))
+
+
+@eqx.filter_jit
+def _refine_crossing(layers_a, problem, ta, tb, j, i, rtol, atol):
+    vf = layer_vector_field(product_theta)
+    y0 = (layers_a, jnp.zeros_like(layers_a[0]))
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(vf), dfx.Dopri8(), t0=ta, t1=tb, dt0=None, y0=y0, args=problem,
+        saveat=dfx.SaveAt(dense=True),
+        stepsize_controller=dfx.PIDController(rtol=rtol, atol=atol), max_steps=2**16,
+    )
+
+    def value(t):
+        return sol.evaluate(t)[0][j, i]
+
+    sign_a = jnp.sign(layers_a[j, i])
+
+    def bisect(_, lohi):
+        lo, hi = lohi
+        mid = 0.5 * (lo + hi)
+        same = jnp.sign(value(mid)) == sign_a
+        return jnp.where(same, mid, lo), jnp.where(same, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, 60, bisect, (ta, tb))
+    return 0.5 * (lo + hi)
