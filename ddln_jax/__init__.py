@@ -2,6 +2,11 @@
 
 import importlib.metadata
 
+from ._bias import ImplicitBias as ImplicitBias
+from ._bias import implicit_bias as implicit_bias
+from ._bias import min_l1_interpolator as min_l1_interpolator
+from ._bias import min_l2_interpolator as min_l2_interpolator
+from ._bias import theorem1_bound as theorem1_bound
 from ._flow import DEFAULT_MAX_STEPS as DEFAULT_MAX_STEPS
 from ._flow import Trajectory as Trajectory
 from ._flow import gradient_flow as gradient_flow
@@ -22,6 +27,11 @@ from ._loss import Exponential as Exponential
 from ._loss import FunctionLoss as FunctionLoss
 from ._loss import LeastSquares as LeastSquares
 from ._loss import Logistic as Logistic
+from ._mirror import AbstractMirrorMap as AbstractMirrorMap
+from ._mirror import MirrorMap as MirrorMap
+from ._mirror import ShallowMirrorMap as ShallowMirrorMap
+from ._mirror import TiedMirrorMap as TiedMirrorMap
+from ._mirror import YunMirrorMap as YunMirrorMap
 from ._network import check_assumption_a as check_assumption_a
 from ._network import from_reduced as from_reduced
 from ._network import init_gaussian as init_gaussian
