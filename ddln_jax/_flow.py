@@ -43,6 +43,8 @@ class Trajectory(eqx.Module):
     - `result`: diffrax result code (int; 0 = successful). See `result_message`.
     - `num_steps`: accepted + rejected solver steps.
     - `ok`: True when the solve reached `t1` (or a requested steady-state stop) successfully.
+    - `t_final`: where the solve ended: `t1`, or the time of a steady-state stop; saved
+        values at `ts > t_final` hold the final state.
 
     Under `jax.vmap` every field gains a leading batch axis, so failures are reported per
     trajectory.
@@ -57,6 +59,7 @@ class Trajectory(eqx.Module):
     result: Int[Array, ""]
     num_steps: Int[Array, ""]
     ok: Bool[Array, ""]
+    t_final: Float[Array, ""]
 
 
 def result_message(code) -> str:
@@ -158,12 +161,24 @@ def diffeq(
     rtol,
     atol,
     max_steps: int,
-    event=None,
+    gtol=None,
 ):
     """`diffrax.diffeqsolve` with the library's defaults: adaptive PID step sizes, our own
-    `dt0`, save at `ts`, `throw=False` (failures are result codes, per trajectory)."""
+    `dt0`, save at `ts`, `throw=False` (failures are result codes, per trajectory).
+
+    With `gtol`, the solve stops once ||xi'||_inf = ||grad L||_inf <= gtol (a steady state),
+    and the save times after the stop are filled with the final state.
+    Returns `(ys, result, num_steps, t_final)`.
+    """
     dt0 = initial_step(vector_field, t0, y0, args, rtol, atol, t1 - t0)
-    return dfx.diffeqsolve(
+    event = None
+    if gtol is not None:
+
+        def cond_fn(t, y, args, **kwargs):
+            return jnp.max(jnp.abs(vector_field(t, y, args)[1])) <= gtol
+
+        event = dfx.Event(cond_fn)
+    sol = dfx.diffeqsolve(
         dfx.ODETerm(vector_field),
         solver,
         t0=t0,
@@ -171,12 +186,26 @@ def diffeq(
         dt0=dt0,
         y0=y0,
         args=args,
-        saveat=dfx.SaveAt(ts=ts),
+        saveat=dfx.SaveAt(ts=ts, t1=True),
         stepsize_controller=dfx.PIDController(rtol=rtol, atol=atol),
         max_steps=max_steps,
         throw=False,
         event=event,
     )
+    # After an event diffrax saves the final state in the slot after the last reached save
+    # time and leaves inf behind it; on success the last slot holds t1.
+    last = jnp.sum(jnp.isfinite(sol.ts)) - 1
+    t_final = jnp.where(last >= 0, sol.ts[jnp.maximum(last, 0)], t0)
+    # only a steady-state stop fills later saves; a failed solve keeps diffrax's inf there
+    after = (ts > t_final) & (sol.result == dfx.RESULTS.event_occurred)
+
+    def fill(y):
+        mask = after.reshape((-1,) + (1,) * (y.ndim - 1))
+        return jnp.where(mask, y[jnp.maximum(last, 0)][None], y[:-1])
+
+    ys = jax.tree_util.tree_map(fill, sol.ys)
+    ok = (sol.result == dfx.RESULTS.successful) | (sol.result == dfx.RESULTS.event_occurred)
+    return ys, sol.result._value, sol.stats["num_steps"], ok, t_final
 
 
 def layer_vector_field(parameterization: Callable):
@@ -192,31 +221,34 @@ def layer_vector_field(parameterization: Callable):
     return vector_field
 
 
-def make_trajectory(sol, layers0, problem, parameterization):
-    layers_ts, xi_ts = sol.ys
+def make_trajectory(ts, ys, result, num_steps, ok, t_final, layers0, problem, parameterization):
+    layers_ts, xi_ts = ys
     theta_ts = jax.vmap(parameterization)(layers_ts)
     return Trajectory(
-        ts=sol.ts,
+        ts=ts,
         layers=layers_ts,
         theta=theta_ts,
         xi=xi_ts,
         loss=jax.vmap(problem.loss)(theta_ts),
         layers0=layers0,
-        result=sol.result._value,
-        num_steps=sol.stats["num_steps"],
-        ok=sol.result == dfx.RESULTS.successful,
+        result=result,
+        num_steps=num_steps,
+        ok=ok,
+        t_final=t_final,
     )
 
 
 @eqx.filter_jit
-def _solve_layers(layers0, problem, t0, t1, ts, solver, rtol, atol, max_steps, parameterization):
+def _solve_layers(
+    layers0, problem, t0, t1, ts, solver, rtol, atol, max_steps, parameterization, gtol
+):
     vf = layer_vector_field(parameterization)
     y0 = (layers0, jnp.zeros_like(parameterization(layers0)))
-    sol = diffeq(
+    out = diffeq(
         vf, y0, problem, t0=t0, t1=t1, ts=ts, solver=solver, rtol=rtol, atol=atol,
-        max_steps=max_steps,
+        max_steps=max_steps, gtol=gtol,
     )
-    return make_trajectory(sol, layers0, problem, parameterization)
+    return make_trajectory(ts, *out, layers0, problem, parameterization)
 
 
 def warn_if_failed(traj: Trajectory, what: str = "gradient_flow") -> None:
@@ -249,6 +281,13 @@ def check_tolerances(rtol, atol, max_steps):
         raise ValueError(f"`max_steps` must be >= 1, got {max_steps}.")
 
 
+def _gtol(stop_when_converged):
+    if stop_when_converged is None or stop_when_converged is False:
+        return None
+    check_positive("stop_when_converged", stop_when_converged)
+    return jnp.asarray(stop_when_converged, dtype=float)
+
+
 def check_problem_dim(problem, dim):
     pdim = getattr(problem, "dim", None)
     if pdim is not None and pdim != dim:
@@ -269,6 +308,7 @@ def gradient_flow(
     atol=1e-10,
     max_steps: int = DEFAULT_MAX_STEPS,
     parameterization: Callable | None = None,
+    stop_when_converged=None,
 ) -> Trajectory:
     """Gradient flow on the layers, du^j/dt = -(prod_{k != j} u^k) ⊙ grad L(theta) (eq 2-3).
 
@@ -285,6 +325,10 @@ def gradient_flow(
     - `max_steps`: step cap; the default 2^20 is far above diffrax's 4096 (DDLN flows take
         10^3-10^5 steps).
     - `parameterization`: the map layers -> theta (default: the product, eq 1).
+    - `stop_when_converged`: a gradient tolerance `gtol`; stop once ||grad L||_inf <= gtol
+        (converged flows of large initializations are stiff and would otherwise cost
+        T * lambda_max / 3.3 explicit steps). Later save times hold the final state and
+        `traj.t_final` says when the solve stopped.
 
     **Returns:** a `Trajectory`. Jit- and vmap-compatible; numeric arguments are passed as
     arrays, so new values do not recompile.
@@ -302,9 +346,10 @@ def gradient_flow(
         layers0 = jax.tree_util.tree_map(lambda x: check_finite("layers0", jnp.asarray(x)), layers0)
     t0, t1, ts = check_times(t0, t1, ts)
     check_tolerances(rtol, atol, max_steps)
+    gtol = _gtol(stop_when_converged)
     traj = _solve_layers(
         layers0, problem, t0, t1, ts, resolve_solver(solver), jnp.asarray(rtol),
-        jnp.asarray(atol), max_steps, parameterization,
+        jnp.asarray(atol), max_steps, parameterization, gtol,
     )
     warn_if_failed(traj)
     return traj

@@ -9,7 +9,6 @@ M_ii = sum_j prod_{k != j} (v^k)^2 depends on w = v1^2 alone.
 
 import warnings
 
-import diffrax as dfx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -151,11 +150,10 @@ def _solve_reduced(layers0, problem, t0, t1, ts, solver, rtol, atol, max_steps, 
         field, y0 = _mirror_field, (theta_from_v1(red.a, red), jnp.zeros_like(red.a))
     else:
         field, y0 = _reduced_field, (red.a, jnp.zeros_like(red.a))
-    sol = diffeq(
+    (state, xi), result, num_steps, ok, t_final = diffeq(
         field, y0, (problem, red), t0=t0, t1=t1, ts=ts, solver=solver, rtol=rtol, atol=atol,
         max_steps=max_steps,
     )
-    state, xi = sol.ys
     if mirror:
         theta = state
         v1 = jax.vmap(lambda th: v1_from_theta(th, red))(theta)
@@ -163,15 +161,16 @@ def _solve_reduced(layers0, problem, t0, t1, ts, solver, rtol, atol, max_steps, 
         v1 = state
         theta = jax.vmap(lambda v: theta_from_v1(v, red))(v1)
     return Trajectory(
-        ts=sol.ts,
+        ts=ts,
         layers=jax.vmap(lambda v: layers_from_v1(v, red))(v1),
         theta=theta,
         xi=xi,
         loss=jax.vmap(problem.loss)(theta),
         layers0=layers0,
-        result=sol.result._value,
-        num_steps=sol.stats["num_steps"],
-        ok=sol.result == dfx.RESULTS.successful,
+        result=result,
+        num_steps=num_steps,
+        ok=ok,
+        t_final=t_final,
     )
 
 

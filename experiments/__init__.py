@@ -1,0 +1,1 @@
+"""Experiments: one script per figure or table, each `main(*, quick=False, out=...)`."""
