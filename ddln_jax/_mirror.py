@@ -163,7 +163,7 @@ class MirrorMap(AbstractMirrorMap):
         lo0, hi0 = -zmax, zmax
 
         def body(carry):
-            i, z, lo, hi = carry
+            i, z, lo, hi, _ = carry
             f = self._F(z) - target
             lo = jnp.where(f < 0, z, lo)
             hi = jnp.where(f > 0, z, hi)
@@ -171,15 +171,17 @@ class MirrorMap(AbstractMirrorMap):
             z_new = z - step
             inside = (z_new > lo) & (z_new < hi)
             z_new = jnp.where(inside, z_new, 0.5 * (lo + hi))
-            return i + 1, z_new, lo, hi
+            done = (f == 0) | (jnp.abs(z_new - z) <= 1e-14 * (1 + jnp.abs(z)))
+            return i + 1, z_new, lo, hi, done
 
         def cond(carry):
-            i, z, lo, hi = carry
-            return (i < _NEWTON_ITERS) & jnp.any((hi - lo) > 1e-15 * (1 + jnp.abs(z)))
+            i, _, _, _, done = carry
+            return (i < _NEWTON_ITERS) & ~jnp.all(done)
 
         z_init = jnp.clip(z0 + target * jnp.exp(-self._log_h_nodes(z0[None])[0]), lo0, hi0)
-        # Newton converges quadratically; the bracket [lo, hi] shrinks to the root.
-        _, z, _, _ = jax.lax.while_loop(cond, body, (0, z_init, lo0, hi0))
+        # safeguarded Newton: quadratic near the root, bisection when a step leaves [lo, hi]
+        init = (0, z_init, lo0, hi0, jnp.zeros(z_init.shape, bool))
+        _, z, _, _, _ = jax.lax.while_loop(cond, body, init)
         return z
 
     @eqx.filter_jit

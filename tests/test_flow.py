@@ -254,3 +254,24 @@ def test_bad_inputs(getkey):
     # traced non-finite data raise at run time, not silently
     with pytest.raises(Exception, match="NaN or Inf"):
         jax.jit(lambda u: flow(u, p, t1=1.0, ts=ts).theta)(u0.at[0, 0].set(jnp.nan))
+
+
+def test_steady_state_stop_matches_full_solve():
+    # Converged-and-stopped trajectories agree with full solves: before the stop to the
+    # solver tolerance, after it to the distance left to the optimum (L - L* <~ gtol^2/mu).
+    X, y = random_problem(11, 10, 4)
+    u0 = random_layers(11, 3, 4)
+    p = dd.LeastSquares(X, y)
+    ts = np.linspace(0, 200, 401)
+    full = dd.gradient_flow(u0, p, t1=200.0, ts=ts, rtol=1e-10, atol=1e-12)
+    stop = dd.gradient_flow(u0, p, t1=200.0, ts=ts, rtol=1e-10, atol=1e-12,
+                            stop_when_converged=1e-8)
+    assert bool(stop.ok) and float(stop.t_final) < 200.0
+    assert int(stop.num_steps) < int(full.num_steps)
+    before = ts <= float(stop.t_final)
+    np.testing.assert_allclose(stop.theta[before], full.theta[before], atol=1e-7)
+    np.testing.assert_allclose(stop.theta[~before], full.theta[~before], atol=1e-7)
+    np.testing.assert_array_equal(stop.theta[~before], np.broadcast_to(
+        stop.theta[-1], stop.theta[~before].shape))
+    ls = np.linalg.lstsq(X, y, rcond=None)[0]
+    np.testing.assert_allclose(stop.theta[-1], ls, atol=1e-7)
