@@ -45,6 +45,8 @@ from ._parameterize import tied as tied
 from ._reduced import mirror_flow as mirror_flow
 from ._reduced import reduced_flow as reduced_flow
 from ._reduced import reduced_gap as reduced_gap
+from ._sweep import SweepResult as SweepResult
+from ._sweep import sweep as sweep
 
 try:
     __version__ = importlib.metadata.version("ddln_jax")

@@ -136,17 +136,22 @@ def check_times(t0, t1, ts):
     return t0, t1, ts
 
 
-def initial_step(vector_field, t0, y0, args, rtol, atol, span):
+def initial_step(vector_field, t0, y0, args, rtol, atol, span, norm=None):
     """A first step from the size of the right-hand side (Hairer's heuristic, first half):
     diffrax's automatic `dt0` was seen rejecting every Tsit5 step on random deep problems."""
     f0 = vector_field(t0, y0, args)
-    y_flat, _ = jax.flatten_util.ravel_pytree(y0)
-    f_flat, _ = jax.flatten_util.ravel_pytree(f0)
-    scale = atol + rtol * jnp.abs(y_flat)
-    d0 = jnp.sqrt(jnp.mean((y_flat / scale) ** 2))
-    d1 = jnp.sqrt(jnp.mean((f_flat / scale) ** 2))
+    norm = _rms if norm is None else norm
+    scale = jax.tree_util.tree_map(lambda y: atol + rtol * jnp.abs(y), y0)
+    d0 = norm(jax.tree_util.tree_map(jnp.divide, y0, scale))
+    d1 = norm(jax.tree_util.tree_map(jnp.divide, f0, scale))
     h0 = jnp.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / jnp.maximum(d1, 1e-300))
     return jnp.clip(h0, span * 1e-12, span * 0.1)
+
+
+def _rms(tree):
+    leaves = jax.tree_util.tree_leaves(tree)
+    total = sum(jnp.sum(x**2) for x in leaves)
+    return jnp.sqrt(total / sum(x.size for x in leaves))
 
 
 def diffeq(
@@ -162,6 +167,7 @@ def diffeq(
     atol,
     max_steps: int,
     gtol=None,
+    controller=None,
 ):
     """`diffrax.diffeqsolve` with the library's defaults: adaptive PID step sizes, our own
     `dt0`, save at `ts`, `throw=False` (failures are result codes, per trajectory).
@@ -170,7 +176,9 @@ def diffeq(
     and the save times after the stop are filled with the final state.
     Returns `(ys, result, num_steps, t_final)`.
     """
-    dt0 = initial_step(vector_field, t0, y0, args, rtol, atol, t1 - t0)
+    if controller is None:
+        controller = dfx.PIDController(rtol=rtol, atol=atol)
+    dt0 = initial_step(vector_field, t0, y0, args, rtol, atol, t1 - t0, controller.norm)
     event = None
     if gtol is not None:
 
@@ -187,7 +195,7 @@ def diffeq(
         y0=y0,
         args=args,
         saveat=dfx.SaveAt(ts=ts, t1=True),
-        stepsize_controller=dfx.PIDController(rtol=rtol, atol=atol),
+        stepsize_controller=controller,
         max_steps=max_steps,
         throw=False,
         event=event,

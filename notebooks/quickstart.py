@@ -14,13 +14,13 @@
 
 # %%
 import jax
-
-jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
 import ddln_jax as dd
+
+jax.config.update("jax_enable_x64", True)  # before any array is made
 
 kx, ky, ku = jr.split(jr.key(0), 3)
 X, y = jr.normal(kx, (5, 10)), jr.normal(ky, (5,))

@@ -38,3 +38,17 @@ def test_paper_quick(tmp_path):
     # accuracy improves with rtol for every solver
     err = np.asarray(r["conservation_accuracy"]["error"])
     assert np.all(err[:, -1] < err[:, 0] * 1e-2)
+
+
+@pytest.mark.slow
+def test_sweep_cli_quick(tmp_path):
+    from experiments import sweep
+
+    s = sweep.main(quick=True, out=tmp_path, progress=False)
+    assert (tmp_path / "sweep_phase_diagram.png").exists()
+    assert (tmp_path / "sweep.npz").exists() and (tmp_path / "sweep.json").exists()
+    assert s["all_ok"]
+    assert np.all(np.asarray(s["fraction_converged"]) >= 0)
+    # rerun resumes from the chunks on disk and gives the same summary
+    again = sweep.main(quick=True, out=tmp_path, progress=False)
+    np.testing.assert_array_equal(np.asarray(again["median_time"]), np.asarray(s["median_time"]))

@@ -1,0 +1,144 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import ddln_jax as dd
+from ddln_jax import _sweep
+
+
+def _problem():
+    return dd.LeastSquares(jr.normal(jr.key(1), (8, 4)), jr.normal(jr.key(2), (8,)))
+
+
+TS = jnp.linspace(0.0, 10.0, 11)
+KW = dict(depths=[2, 3, 5], scales=[0.6, 1.2], seeds=[0, 1], t1=10.0, ts=TS, max_chunk=4,
+          progress=False)
+
+
+def test_grid_points_equal_individual_solves():
+    p = _problem()
+    res = dd.sweep(p, **KW)
+    assert res.theta.shape == (12, 11, 4) and res.ok.all()
+    for b in range(12):
+        L = int(res.depth[b])
+        u0 = np.asarray(res.layers0[b])
+        assert np.all(u0[L:] == 1.0)  # frozen unit padding
+        single = dd.gradient_flow(u0[:L], p, t1=10.0, ts=TS)
+        # rtol 1e-8: agreement to 10 * rtol; the masked error norm gives the very same steps
+        np.testing.assert_allclose(res.theta[b], single.theta, rtol=1e-7, atol=1e-7)
+        if not res.implicit[b]:
+            assert int(res.num_steps[b]) == int(single.num_steps)
+    # labels and derived quantities
+    assert list(res.depth[:4]) == [2, 2, 2, 2] and list(res.seed[:2]) == [0, 1]
+    for b in range(12):
+        L = int(res.depth[b])
+        np.testing.assert_allclose(res.sigma[b], dd.sigma(res.layers0[b][:L]), rtol=1e-12)
+    assert np.all(res.efficiency > 0) and np.all(res.efficiency <= 1)
+
+
+def test_same_key_same_result_and_init_independent_of_grid():
+    p = _problem()
+    a = dd.sweep(p, **KW)
+    b = dd.sweep(p, **{**KW, "depths": [3]})
+    rows = a.depth == 3
+    np.testing.assert_array_equal(a.theta[rows], b.theta)
+
+
+def test_problem_per_seed():
+    def make(seed):
+        k = jr.fold_in(jr.key(7), seed)
+        return dd.LeastSquares(jr.normal(k, (6, 3)), jr.normal(jr.fold_in(k, 1), (6,)))
+
+    res = dd.sweep(make, depths=[2, 3], scales=[1.0], seeds=[3, 4], t1=5.0, ts=TS[:6],
+                   progress=False)
+    for b in range(4):
+        L = int(res.depth[b])
+        single = dd.gradient_flow(res.layers0[b][:L], make(int(res.seed[b])), t1=5.0, ts=TS[:6])
+        np.testing.assert_allclose(res.theta[b], single.theta, rtol=1e-7, atol=1e-7)
+
+
+def test_kill_and_resume(tmp_path):
+    p = _problem()
+    full = dd.sweep(p, **KW)
+    out = tmp_path / "sweep"
+    dd.sweep(p, out=out, **KW)
+    chunks = sorted(out.glob("chunk_*.npz"))
+    assert len(chunks) == 3
+    # a process killed during chunk 2: chunks 1.. lost, a half-written temporary left behind
+    first_mtime = chunks[0].stat().st_mtime_ns
+    for c in chunks[1:]:
+        c.unlink()
+    (out / "chunk_00001.npz.tmp.npz").write_bytes(b"partial")
+    resumed = dd.sweep(p, out=out, **KW)
+    assert chunks[0].stat().st_mtime_ns == first_mtime  # the finished chunk was not recomputed
+    for field in ("theta", "loss", "num_steps", "ok", "t_final"):
+        np.testing.assert_array_equal(getattr(resumed, field), getattr(full, field))
+    with pytest.raises(ValueError, match="different sweep"):
+        dd.sweep(p, out=out, **{**KW, "scales": [0.5]})
+
+
+def test_no_retrace_across_chunks():
+    p = _problem()
+    dd.sweep(p, **KW)
+    before = _sweep._solve_batch._cached._cache_size()
+    dd.sweep(p, **{**KW, "scales": [0.7, 0.9, 1.1], "seeds": [5, 6, 7]})  # more chunks
+    assert _sweep._solve_batch._cached._cache_size() == before
+
+
+def test_steady_state_stop_and_stiff_fallback():
+    p = _problem()
+    kw = {**KW, "depths": [2, 3], "scales": [1.0, 2.2], "stop_when_converged": 1e-9,
+          "t1": 50.0, "ts": jnp.linspace(0, 50, 11), "explicit_max_steps": 2**12}
+    res = dd.sweep(p, **kw)
+    assert res.ok.all()
+    assert res.implicit.any()  # the large init exhausted the explicit budget
+    ls = p.theta_ls
+    np.testing.assert_allclose(res.theta_final, np.broadcast_to(ls, res.theta_final.shape),
+                               atol=1e-6)
+    for b in np.flatnonzero(res.implicit)[:2]:
+        L = int(res.depth[b])
+        single = dd.gradient_flow(res.layers0[b][:L], p, t1=50.0, ts=kw["ts"],
+                                  solver="kvaerno5", stop_when_converged=1e-9)
+        np.testing.assert_allclose(res.theta[b], single.theta, atol=1e-6)
+
+
+def test_bad_arguments():
+    p = _problem()
+    with pytest.raises(ValueError, match="`depth`"):
+        dd.sweep(p, **{**KW, "depths": [1, 2]})
+    with pytest.raises(ValueError, match="`init`"):
+        dd.sweep(p, init="orthogonal", **KW)
+    with pytest.raises(ValueError, match="`rtol`"):
+        dd.sweep(p, rtol=0.0, **KW)
+
+
+@pytest.mark.slow
+def test_sharded_four_host_devices_equals_single(tmp_path):
+    script = textwrap.dedent(
+        """
+        import sys
+        import jax
+        jax.config.update("jax_enable_x64", True)
+        import jax.numpy as jnp, jax.random as jr, numpy as np
+        import ddln_jax as dd
+        assert len(jax.devices()) == 4, jax.devices()
+        p = dd.LeastSquares(jr.normal(jr.key(1), (8, 4)), jr.normal(jr.key(2), (8,)))
+        res = dd.sweep(p, depths=[2, 3, 5], scales=[0.6, 1.2], seeds=[0, 1], t1=10.0,
+                       ts=jnp.linspace(0.0, 10.0, 11), max_chunk=4, progress=False)
+        np.savez(sys.argv[1], theta=res.theta, num_steps=res.num_steps)
+        """
+    )
+    path = tmp_path / "sharded.npz"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}
+    subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env, timeout=600)
+    sharded = np.load(path)
+    single = dd.sweep(_problem(), **KW)
+    np.testing.assert_allclose(sharded["theta"], single.theta, rtol=1e-12, atol=1e-14)
+    np.testing.assert_array_equal(sharded["num_steps"], single.num_steps)
