@@ -144,3 +144,11 @@ def test_sharded_four_host_devices_equals_single(tmp_path):
     # seen 2e-11 relative, amplified from 1e-16 through the adaptive solve)
     np.testing.assert_allclose(sharded["theta"], single.theta, rtol=1e-9, atol=1e-11)
     np.testing.assert_array_equal(sharded["num_steps"], single.num_steps)
+
+
+def test_to_dataframe():
+    res = dd.sweep(_problem(), **{**KW, "depths": [2], "seeds": [0]})
+    df = res.to_dataframe()
+    assert list(df["depth"]) == [2, 2] and list(df["scale"]) == [0.6, 1.2]
+    np.testing.assert_allclose(df["final_loss"], res.loss[:, -1])
+    assert set(res.to_dict()) >= {"theta", "ok", "num_steps", "sigma"}
