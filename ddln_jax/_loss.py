@@ -88,9 +88,9 @@ class LeastSquares(eqx.Module):
         return self.loss(theta)
 
 
-class Logistic(eqx.Module):
-    """L(theta) = sum_i log(1 + exp(-y_i <x_i, theta>)) for labels y_i = ±1 (unnormalised, as
-    the least-squares loss)."""
+class _Classification(eqx.Module):
+    """Margin losses sum_i phi(y_i <x_i, theta>) for labels y_i = ±1 (unnormalised, as the
+    least-squares loss); inf L = 0, approached as the margins grow."""
 
     X: Float[Array, "n dim"]
     y: Float[Array, " n"]
@@ -103,8 +103,11 @@ class Logistic(eqx.Module):
     def dim(self) -> int:
         return self.X.shape[1]
 
+    def margin_loss(self, m):
+        raise NotImplementedError
+
     def loss(self, theta):
-        return jnp.sum(jnp.logaddexp(0.0, -self.y * (self.X @ theta)))
+        return jnp.sum(self.margin_loss(self.y * (self.X @ theta)))
 
     def grad(self, theta):
         return jax.grad(self.loss)(theta)
@@ -117,32 +120,18 @@ class Logistic(eqx.Module):
         return self.loss(theta)
 
 
-class Exponential(eqx.Module):
+class Logistic(_Classification):
+    """L(theta) = sum_i log(1 + exp(-y_i <x_i, theta>)) for labels y_i = ±1."""
+
+    def margin_loss(self, m):
+        return jnp.logaddexp(0.0, -m)
+
+
+class Exponential(_Classification):
     """L(theta) = sum_i exp(-y_i <x_i, theta>) for labels y_i = ±1."""
 
-    X: Float[Array, "n dim"]
-    y: Float[Array, " n"]
-
-    def __init__(self, X, y):
-        self.X, self.y = _check_data(X, y)
-        _check_labels(self.y)
-
-    @property
-    def dim(self) -> int:
-        return self.X.shape[1]
-
-    def loss(self, theta):
-        return jnp.sum(jnp.exp(-self.y * (self.X @ theta)))
-
-    def grad(self, theta):
-        return jax.grad(self.loss)(theta)
-
-    @property
-    def min_value(self):
-        return jnp.zeros((), self.X.dtype)
-
-    def __call__(self, theta):
-        return self.loss(theta)
+    def margin_loss(self, m):
+        return jnp.exp(-m)
 
 
 def _check_labels(y):

@@ -351,7 +351,7 @@ def sweep(
         explicit_idx = np.flatnonzero(~stiff_pilot[idx])
         res, u0 = None, None
         implicit = stiff_pilot[idx].copy()
-        steps_explicit = np.zeros(0, int)  # noqa: F841 (read below)
+        steps_explicit = np.zeros(0, int)
         if explicit_idx.size:
             r1, u1 = run(idx[explicit_idx], dfx.Tsit5(), explicit_max_steps, rtol, atol, ts,
                          gtol)

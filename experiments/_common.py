@@ -51,3 +51,14 @@ def save_npz(out: Path, name: str, **arrays) -> str:
     p = out / f"{name}.npz"
     np.savez(p, **{k: np.asarray(v) for k, v in arrays.items()})
     return str(p)
+
+
+def cli(main, doc: str, default_out: str) -> None:
+    """`python -m experiments.<name> [--quick] [--out DIR]`: run `main` and print its summary."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=default_out)
+    args = parser.parse_args()
+    print(main(quick=args.quick, out=args.out))

@@ -2,8 +2,6 @@
 reference (Dopri8, rtol 1e-13), against rtol, for Tsit5, Dopri8 and Kvaerno5, with their
 step counts (depth 4, X 10x5, T = 10)."""
 
-import argparse
-
 import jax.numpy as jnp
 import jax.random as jr
 import matplotlib.pyplot as plt
@@ -12,7 +10,7 @@ from tqdm.auto import tqdm
 
 import ddln_jax as dd
 
-from ._common import save_figure, save_json, save_npz, setup
+from ._common import cli, save_figure, save_json, save_npz, setup
 
 SOLVERS = ("tsit5", "dopri8", "kvaerno5")
 
@@ -66,8 +64,4 @@ def main(*, quick: bool = False, out="results/conservation_accuracy", seed: int 
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="results/conservation_accuracy")
-    args = parser.parse_args()
-    print(main(quick=args.quick, out=args.out))
+    cli(main, __doc__, "results/conservation_accuracy")

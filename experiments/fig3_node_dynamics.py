@@ -1,8 +1,6 @@
 """Paper Fig 3: the nodes u^j_1(t) of a depth-4 network on a random least-squares problem
 (X 10x5). Only the layer of minimal |u^j_1(0)| may cross zero (Prop 1.2)."""
 
-import argparse
-
 import jax.numpy as jnp
 import jax.random as jr
 import matplotlib.pyplot as plt
@@ -10,7 +8,7 @@ import matplotlib.pyplot as plt
 import ddln_jax as dd
 from ddln_jax.plotting import plot_nodes
 
-from ._common import save_figure, save_json, save_npz, setup
+from ._common import cli, save_figure, save_json, save_npz, setup
 
 
 def main(*, quick: bool = False, out="results/fig3_node_dynamics") -> dict:
@@ -53,8 +51,4 @@ def main(*, quick: bool = False, out="results/fig3_node_dynamics") -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="results/fig3_node_dynamics")
-    args = parser.parse_args()
-    print(main(quick=args.quick, out=args.out))
+    cli(main, __doc__, "results/fig3_node_dynamics")

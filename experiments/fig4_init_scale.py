@@ -2,8 +2,6 @@
 the other layers a random draw times 1, 1.4, 1.8. Larger initializations converge faster;
 Theorem 2's bound exp(-2 sigma mu t)(L(theta0) - L*) is drawn next to each curve."""
 
-import argparse
-
 import jax.numpy as jnp
 import jax.random as jr
 import matplotlib.pyplot as plt
@@ -12,7 +10,7 @@ import numpy as np
 import ddln_jax as dd
 from ddln_jax.plotting import plot_suboptimality
 
-from ._common import save_figure, save_json, save_npz, setup
+from ._common import cli, save_figure, save_json, save_npz, setup
 
 SCALES = (1.0, 1.4, 1.8)
 
@@ -85,8 +83,4 @@ def main(*, quick: bool = False, out="results/fig4_init_scale", seed: int = 0) -
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="results/fig4_init_scale")
-    args = parser.parse_args()
-    print(main(quick=args.quick, out=args.out))
+    cli(main, __doc__, "results/fig4_init_scale")

@@ -4,8 +4,6 @@ depth), against alpha, for the Yun init (Corollary 1) and random (A) inits. Smal
 towards min-l1 (sparse recovery); large alpha: towards min-l2. Checked against long flows
 where those are affordable."""
 
-import argparse
-
 import jax.numpy as jnp
 import jax.random as jr
 import matplotlib.pyplot as plt
@@ -14,7 +12,7 @@ from tqdm.auto import tqdm
 
 import ddln_jax as dd
 
-from ._common import save_figure, save_json, save_npz, setup
+from ._common import cli, save_figure, save_json, save_npz, setup
 
 
 def sparse_problem(key, n, d, k):
@@ -95,8 +93,4 @@ def main(*, quick: bool = False, out="results/implicit_bias", seed: int = 0,
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="results/implicit_bias")
-    args = parser.parse_args()
-    print(main(quick=args.quick, out=args.out))
+    cli(main, __doc__, "results/implicit_bias")

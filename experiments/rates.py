@@ -2,8 +2,6 @@
 depth x scale (Gaussian inits, random X with n > d): a heatmap of their ratio (>= 1 by the
 theorem; large = the bound is loose)."""
 
-import argparse
-
 import jax.numpy as jnp
 import jax.random as jr
 import matplotlib.pyplot as plt
@@ -13,7 +11,7 @@ from tqdm.auto import tqdm
 import ddln_jax as dd
 from ddln_jax.plotting import heatmap
 
-from ._common import save_figure, save_json, save_npz, setup
+from ._common import cli, save_figure, save_json, save_npz, setup
 
 
 def main(*, quick: bool = False, out="results/rates", seed: int = 0, progress=True) -> dict:
@@ -62,8 +60,4 @@ def main(*, quick: bool = False, out="results/rates", seed: int = 0, progress=Tr
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="results/rates")
-    args = parser.parse_args()
-    print(main(quick=args.quick, out=args.out))
+    cli(main, __doc__, "results/rates")
