@@ -7,7 +7,10 @@ from ._bias import implicit_bias as implicit_bias
 from ._bias import min_l1_interpolator as min_l1_interpolator
 from ._bias import min_l2_interpolator as min_l2_interpolator
 from ._bias import theorem1_bound as theorem1_bound
+from ._discrete import sharpness as sharpness
+from ._discrete import train as train
 from ._flow import DEFAULT_MAX_STEPS as DEFAULT_MAX_STEPS
+from ._flow import DIVERGED as DIVERGED
 from ._flow import Trajectory as Trajectory
 from ._flow import gradient_flow as gradient_flow
 from ._flow import log_times as log_times
@@ -45,6 +48,8 @@ from ._parameterize import tied as tied
 from ._reduced import mirror_flow as mirror_flow
 from ._reduced import reduced_flow as reduced_flow
 from ._reduced import reduced_gap as reduced_gap
+from ._stochastic import momentum_flow as momentum_flow
+from ._stochastic import stochastic_flow as stochastic_flow
 from ._sweep import SweepResult as SweepResult
 from ._sweep import sweep as sweep
 

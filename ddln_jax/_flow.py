@@ -20,6 +20,9 @@ from ._network import theta as product_theta
 from ._validate import as_float_array, check_finite, check_layers, check_positive, is_traced
 
 DEFAULT_MAX_STEPS = 2**20
+# Result code of a discrete run (`dd.train`) stopped because its loss blew up; diffrax's own
+# codes are small integers.
+DIVERGED = 100
 
 _SOLVERS = {
     "tsit5": dfx.Tsit5,
@@ -65,6 +68,8 @@ class Trajectory(eqx.Module):
 def result_message(code) -> str:
     """The diffrax message behind a result code of `Trajectory.result`."""
     code = int(code)
+    if code == DIVERGED:
+        return "diverged: the loss became non-finite or exceeded `blowup` times its start"
     for name, item in dfx.RESULTS._name_to_item.items():
         if int(item._value) == code:
             msg = dfx.RESULTS[item]
@@ -259,7 +264,7 @@ def _solve_layers(
     return make_trajectory(ts, *out, layers0, problem, parameterization)
 
 
-def warn_if_failed(traj: Trajectory, what: str = "gradient_flow") -> None:
+def warn_if_failed(traj: Trajectory, what: str = "gradient_flow", hint: str | None = None) -> None:
     """Outside of jit/vmap: warn, with the reason and the fix, when a solve failed."""
     if is_traced(traj.ok):
         return
@@ -268,7 +273,7 @@ def warn_if_failed(traj: Trajectory, what: str = "gradient_flow") -> None:
         return
     codes = np.asarray(traj.result).reshape(-1)[~ok.reshape(-1)]
     reasons = sorted({result_message(c) for c in codes})
-    hint = (
+    hint = hint or (
         "Increase `max_steps`, shorten `t1`, or use `solver='kvaerno5'` for stiff (large) "
         "initializations."
     )
