@@ -10,7 +10,15 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from . import conservation_accuracy, fig3_node_dynamics, fig4_init_scale, implicit_bias, rates
+from . import (
+    conservation_accuracy,
+    fig3_node_dynamics,
+    fig4_init_scale,
+    flow_vs_gd,
+    implicit_bias,
+    rates,
+    stochastic_bias,
+)
 from ._common import setup
 
 EXPERIMENTS = {
@@ -19,6 +27,8 @@ EXPERIMENTS = {
     "rates": rates,
     "implicit_bias": implicit_bias,
     "conservation_accuracy": conservation_accuracy,
+    "flow_vs_gd": flow_vs_gd,
+    "stochastic_bias": stochastic_bias,
 }
 
 
@@ -78,6 +88,36 @@ def _caption(name, s) -> list[str]:
             cells = [f"err {_fmt(e, '.1e')}, {st} steps" for e, st in
                      zip(s["error"][i], s["steps"][i])]
             lines.append(f"| {solver} | " + " | ".join(cells) + " |")
+        return lines
+    if name == "flow_vs_gd":
+        errs = ", ".join(f"{_fmt(e, '.2e')} (η={_fmt(h)})" for h, e in zip(s["etas"], s["errors"]))
+        rows = ", ".join(
+            f"{f:g}/S*: {'diverged' if not ok else ('converged' if c else 'not converged')}, "
+            f"final η·S = {_fmt(v)}"
+            for f, ok, c, v in zip(s["step_factors"], s["ok"], s["converged"],
+                                   s["final_eta_times_sharpness"])
+        )
+        return [
+            f"Gradient descent vs gradient flow (depth {s['depth']}): max |θ_GD(k) − θ_GF(kη)| = "
+            f"{errs}; fitted order {_fmt(s['order_slope'])} (theory: 1).",
+            f"- large steps, S* = {_fmt(s['sharpness_at_flow_limit'])} the sharpness at the "
+            f"flow's limit: {rows}.",
+            f"- every converged run ends with η·sharpness ≤ 2: {s['converged_runs_end_below_2']}",
+        ]
+    if name == "stochastic_bias":
+        lines = [
+            f"Stochastic gradient flow (SGD noise, batch 1, α = {s['alpha']}, n={s['n']}, "
+            f"d={s['d']}, {s['paths']} paths): distance of the limit to min-ℓ1 against η "
+            f"(0 = gradient flow). Noise gives sparser limits: {s['sparser_with_noise']}.",
+            "",
+            "| depth | GF | " + " | ".join(f"η = {e:g}" for e in s["etas"]) + " |",
+            "|---|---|" + "---|" * len(s["etas"]),
+        ]
+        for r in s["rows"]:
+            cells = [f"{_fmt(m)} ± {_fmt(sd, '.1g')}" for m, sd in
+                     zip(r["sgf_distance_to_l1_mean"], r["sgf_distance_to_l1_std"])]
+            lines.append(f"| {r['depth']} | {_fmt(r['gf_distance_to_l1'])} | "
+                         + " | ".join(cells) + " |")
         return lines
     return []
 

@@ -38,6 +38,15 @@ def test_paper_quick(tmp_path):
     # accuracy improves with rtol for every solver
     err = np.asarray(r["conservation_accuracy"]["error"])
     assert np.all(err[:, -1] < err[:, 0] * 1e-2)
+    # GD is a first-order discretization of the flow; linear stability at converged minima
+    fg = r["flow_vs_gd"]
+    assert 0.8 < fg["order_slope"] < 1.2
+    assert fg["converged_runs_end_below_2"] and any(fg["converged"]) and not all(fg["ok"])
+    # SGD noise: limits closer to min-l1 than the gradient flow's, paths interpolate
+    sb = r["stochastic_bias"]
+    assert sb["sparser_with_noise"]
+    assert all(max(row["failed_paths"]) == 0 and row["max_final_loss"] < 1e-8
+               for row in sb["rows"])
 
 
 @pytest.mark.slow
