@@ -20,7 +20,6 @@ from ._network import theta as product_theta
 from ._validate import check_finite, check_layers, check_positive, is_traced
 
 
-
 def _check_int(name, value, minimum=1):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"`{name}` must be an int, got {value!r}.")

@@ -229,12 +229,9 @@ def momentum_flow(
         velocity0 = jax.tree_util.tree_map(
             lambda x: check_finite("velocity0", jnp.asarray(x)), velocity0
         )
-        if jax.tree_util.tree_structure(velocity0) != jax.tree_util.tree_structure(
-            layers0
-        ) or any(
-            a.shape != b.shape
-            for a, b in zip(jax.tree_util.tree_leaves(velocity0), jax.tree_util.tree_leaves(layers0))
-        ):
+        same = jax.tree_util.tree_structure(velocity0) == jax.tree_util.tree_structure(layers0)
+        shapes = [x.shape for x in jax.tree_util.tree_leaves(velocity0)]
+        if not same or shapes != [x.shape for x in jax.tree_util.tree_leaves(layers0)]:
             raise ValueError("`velocity0` must have the structure and shapes of `layers0`.")
     traj = _solve_momentum(
         layers0, velocity0, problem, jnp.asarray(damping, dtype=jnp.result_type(float)), t0, t1,
