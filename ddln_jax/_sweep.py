@@ -1,21 +1,23 @@
-"""Sweeps over depth x scale x seed in one compiled, vmapped call (DESIGN §5).
+"""Sweeps over depth x scale x seed in compiled, vmapped calls (DESIGN §5).
 
-- Different depths share one compiled solve: layers are padded to the largest depth with
-  frozen unit layers (theta is unchanged) and the error norm is restricted to the real layers,
-  so a padded solve takes the same steps as the unpadded one.
-- Lockstep-aware: a cheap pilot solve (loose tolerance) estimates each trajectory's steps; the
-  grid is sorted by that estimate and cut into chunks, so a batch does not pay its slowest
-  member for everyone. Lockstep efficiency (sum of own steps / (B * max steps)) is reported.
-- Stiffness-aware: converged trajectories stop (steady-state event); members that exhaust the
-  explicit solver's step budget are solved again with the implicit Kvaerno5.
-- Chunks are sized to `memory_budget`, written atomically to `out`, and skipped on a rerun.
-- The batch axis is sharded over all visible devices (1-D mesh, `NamedSharding`).
+- Continuous batching (`_stepper`): a fixed number of slots each step one trajectory with
+  its own adaptive Tsit5 step in a fused `lax.while_loop`; finished trajectories are retired
+  and their slots refilled with the next grid points, so a batch never waits for its slowest
+  member. Once the queue is empty the busy slots move to 4x smaller arrays. Lockstep
+  efficiency (own steps / slot-iterations) is reported per chunk.
+- Different depths share one compilation: layers are padded to the largest depth with frozen
+  unit layers (theta is unchanged) and the derivative and the error norm are restricted to the
+  real layers, so a padded trajectory takes the steps of an unpadded one.
+- Stiffness-aware: converged trajectories stop (steady state ||grad L||_inf <= gtol); members
+  that exhaust the explicit step budget (stiff) continue with diffrax's implicit Kvaerno5
+  from where they stopped.
+- Finished trajectories are written to `out` in chunks, atomically; a rerun resumes.
+- The slot axis is sharded over all visible devices (1-D mesh, `NamedSharding`).
 """
 
 import hashlib
 import json
 import os
-import time
 from pathlib import Path
 
 import diffrax as dfx
@@ -25,35 +27,16 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from jaxtyping import Array
 from tqdm.auto import tqdm
 
 from ._flow import check_times, check_tolerances, diffeq, layer_vector_field
 from ._geometry import empirical_rate
 from ._loss import LeastSquares, as_problem
 from ._network import theta as product_theta
+from ._stepper import BUDGET, CONVERGED, DONE, run_queue
 from ._validate import check_depth
 
 INITS = ("gaussian", "zero_first")
-
-
-class _MaskedRMS(eqx.Module):
-    """RMS norm over the real (unpadded) entries: leaves shaped like the layers are masked;
-    the error control and the first step then see what an unpadded solve sees. (Other
-    pytrees, e.g. inside an implicit solver's root finder, get the plain RMS norm.)"""
-
-    mask: Array
-
-    def __call__(self, e):
-        total, count = 0.0, 0.0
-        for x in jax.tree_util.tree_leaves(e):
-            if x.shape == self.mask.shape:
-                total = total + jnp.sum((x * self.mask) ** 2)
-                count = count + jnp.sum(self.mask)
-            else:
-                total = total + jnp.sum(x**2)
-                count = count + x.size
-        return jnp.sqrt(total / count)
 
 
 def _rms_all(e):
@@ -82,42 +65,40 @@ def masked_sigma(layers0, depth):
     return jnp.min(jnp.prod(factors, axis=0))
 
 
-def _solve_one(layers0, depth, problem, t0, t1, ts, solver, rtol, atol, max_steps, gtol):
-    max_depth, dim = layers0.shape
-    mask = jnp.broadcast_to(jnp.arange(max_depth)[:, None] < depth, layers0.shape)
-    mask = mask.astype(layers0.dtype)
+def _solve_one(u, xi, t_start, depth, problem, t1, ts, solver, rtol, atol, max_steps, gtol):
+    """Gradient flow from the state (u, xi) at `t_start` (a hand-over from the explicit
+    stepper) to t1 with a diffrax solver; saves at ts <= t_start repeat the start state."""
+    max_depth, dim = u.shape
+    mask = jnp.broadcast_to(jnp.arange(max_depth)[:, None] < depth, u.shape).astype(u.dtype)
     base = layer_vector_field(product_theta)
 
     def vf(t, y, args):
         du, dxi = base(t, y, args)
         return du * mask, dxi
 
-    # The masked norm gives explicit solvers the very steps of an unpadded solve; diffrax's
-    # implicit solvers stall with it (seen: Kvaerno5 stuck at t ~ 3e-5), so they keep RMS.
-    implicit = isinstance(solver, dfx.AbstractImplicitSolver)
-    norm = _rms_all if implicit else _MaskedRMS(mask)
-    controller = dfx.PIDController(rtol=rtol, atol=atol, norm=norm)
-    y0 = (layers0, jnp.zeros(dim, layers0.dtype))
-    (layers_ts, xi_ts), result, num_steps, ok, t_final = diffeq(
-        vf, y0, problem, t0=t0, t1=t1, ts=ts, solver=solver, rtol=rtol, atol=atol,
-        max_steps=max_steps, gtol=gtol, controller=controller,
+    # diffrax's implicit solvers stall with a masked error norm (seen: Kvaerno5 stuck at
+    # t ~ 3e-5), so the plain RMS over all entries is used (padded entries have zero error)
+    controller = dfx.PIDController(rtol=rtol, atol=atol, norm=_rms_all)
+    t_start = jnp.minimum(t_start, t1)
+    save_ts = jnp.maximum(ts, t_start)
+    (layers_ts, _), result, num_steps, ok, t_final = diffeq(
+        vf, (u, xi), problem, t0=t_start, t1=t1, ts=save_ts, solver=solver, rtol=rtol,
+        atol=atol, max_steps=max_steps, gtol=gtol, controller=controller,
     )
-    theta_ts = jax.vmap(product_theta)(layers_ts)
-    return dict(theta=theta_ts, loss=jax.vmap(problem.loss)(theta_ts), xi_final=xi_ts[-1],
-                layers_final=layers_ts[-1], result=result, num_steps=num_steps, ok=ok,
-                t_final=t_final)
+    return dict(theta=jax.vmap(product_theta)(layers_ts), result=result, num_steps=num_steps,
+                ok=ok, t_final=t_final)
 
 
 @eqx.filter_jit
-def _solve_batch(layers0, depth, problem, batched_problem: bool, t0, t1, ts, solver, rtol,
+def _solve_batch(u, xi, t_start, depth, problem, batched_problem: bool, t1, ts, solver, rtol,
                  atol, max_steps, gtol):
-    in_axes = (0, 0, 0 if batched_problem else None) + (None,) * 5
+    in_axes = (0, 0, 0, 0, 0 if batched_problem else None) + (None,) * 4
     f = jax.vmap(
-        lambda u, L, p, a, b, c, r, s: _solve_one(u, L, p, a, b, c, solver, r, s, max_steps,
-                                                  gtol),
+        lambda a, b, c, d, p, e, f_, r, s: _solve_one(a, b, c, d, p, e, f_, solver, r, s,
+                                                      max_steps, gtol),
         in_axes=in_axes,
     )
-    return f(layers0, depth, problem, t0, t1, ts, rtol, atol)
+    return f(u, xi, t_start, depth, problem, t1, ts, rtol, atol)
 
 
 class SweepResult(eqx.Module):
@@ -201,9 +182,10 @@ def sweep(
     out=None,
     memory_budget: int = 2**30,
     max_chunk: int = 256,
+    max_slots: int = 1024,
     explicit_max_steps: int = 2**16,
     max_steps: int = 2**20,
-    pilot: bool = True,
+    pilot: bool = False,
     progress: bool = True,
     key=None,
 ) -> SweepResult:
@@ -222,15 +204,16 @@ def sweep(
     - `out`: a folder; each finished chunk is written there atomically and a rerun with the
         same arguments skips it (resume). Killing the process loses at most the chunk in
         flight.
-    - `memory_budget`: bytes per chunk (saved trajectories and solver state).
-    - `explicit_max_steps`: Tsit5 step budget; trajectories that exhaust it are stiff and are
-        solved again with Kvaerno5 (up to `max_steps`).
-    - `max_chunk`: most trajectories per compiled batch (smaller chunks of pilot-sorted
-        trajectories waste fewer lockstep steps; larger ones amortise per-step overhead).
-    - `pilot`: estimate each trajectory's cost with a loose-tolerance solve, sort the grid
-        by it so chunks step in near-lockstep, and send members that exhaust the pilot's
-        explicit budget (stiff) straight to Kvaerno5.
-    - `progress`: a progress bar over chunks.
+    - `memory_budget`: bytes for the slots (saved trajectories and solver state); caps the
+        number of slots.
+    - `max_slots`: most trajectories stepped at once (per call; sharded over devices). On a
+        CPU a few hundred is enough (the cost per slot-step is flat); on a GPU use more.
+    - `max_chunk`: trajectories per chunk file (the unit of resume) and per Kvaerno5 batch.
+    - `explicit_max_steps`: Tsit5 step budget per trajectory; those that exhaust it are
+        stiff and continue with Kvaerno5 from where they stopped (up to `max_steps` in all).
+    - `pilot`: first estimate every trajectory's cost with a loose-tolerance run and queue
+        the longest first (fewer slots idle at the end; costs an extra ~half run).
+    - `progress`: a progress bar over trajectories.
     - `key`: base PRNG key (default `jr.key(0)`).
 
     **Returns:** a `SweepResult` in grid order.
@@ -264,33 +247,28 @@ def sweep(
     devices = jax.devices()
     n_dev = len(devices)
     sharding = NamedSharding(Mesh(np.array(devices), ("batch",)), PartitionSpec("batch"))
-    per_traj = 8 * (3 * T * (max_depth + 2) * dim + 64 * (max_depth + 2) * dim)
-    chunk = int(max(1, min(max_chunk, memory_budget // per_traj, B)))
-    chunk = max(n_dev, (chunk // n_dev) * n_dev)
+    # memory per slot: saved theta, the state and the 7 stages of Tsit5
+    per_traj = 8 * (T * dim + 24 * (max_depth + 1) * dim)
+    slots = int(max(1, min(max_slots, memory_budget // per_traj, B)))
+    slots = max(n_dev, -(-slots // n_dev) * n_dev)
+    chunk = int(max(1, min(max_chunk, B)))
+    shared = None if batched_problem else as_problem(problem)
+    gd, gs, gr = (jnp.asarray(g_depth), jnp.asarray(g_scale), jnp.asarray(g_seed))
 
-    def make_inputs(idx):
-        L = jnp.asarray(g_depth[idx])
-        sc = jnp.asarray(g_scale[idx])
-        keys = jax.vmap(lambda r: jr.fold_in(key, r))(jnp.asarray(g_seed[idx]))
-        u0 = jax.vmap(lambda k, d, s: padded_init(k, d, max_depth, dim, s, init))(keys, L, sc)
-        if batched_problem:
-            probs = jax.vmap(problem)(jnp.asarray(g_seed[idx]))
-        else:
-            probs = problem
-        return u0, L, probs
+    @jax.jit
+    def make_rows(gids):
+        keys = jax.vmap(lambda r: jr.fold_in(key, r))(gr[gids])
+        u0 = jax.vmap(lambda k, d, sc: padded_init(k, d, max_depth, dim, sc, init))(
+            keys, gd[gids], gs[gids])
+        probs = jax.vmap(problem)(gr[gids]) if batched_problem else None
+        return u0, gd[gids], probs
 
-    def run(idx, solver, steps, rt, at, save_ts, gt):
-        size = chunk
-        u0, L, probs = make_inputs(idx)
-        u0, L = _pad_to(u0, size), _pad_to(L, size)
-        if batched_problem:
-            probs = jax.tree_util.tree_map(lambda x: _pad_to(x, size), probs)
-            probs = jax.tree_util.tree_map(lambda x: _shard(x, sharding), probs)
-        u0, L = _shard(u0, sharding), _shard(L, sharding)
-        res = _solve_batch(u0, L, probs, batched_problem, t0, t1, save_ts, solver,
-                           jnp.asarray(rt), jnp.asarray(at), steps, gt)
-        n = len(idx)
-        return jax.tree_util.tree_map(lambda x: np.array(x)[:n], res), np.array(u0)[:n]
+    def queue(order, rt, at, save_ts, budget, on_retire, num_slots):
+        return run_queue(order, make_rows, num_slots=num_slots, max_depth=max_depth, dim=dim,
+                         shared_problem=shared, t0=t0, t1=t1, ts=save_ts,
+                         rtol=jnp.asarray(rt, float), atol=jnp.asarray(at, float), gtol=gtol,
+                         budget=budget, on_retire=on_retire, sharding=sharding,
+                         tail_slots=16 * n_dev)
 
     spec = dict(depths=depths, scales=scales, seeds=seeds, t0=float(t0), t1=float(t1),
                 ts=np.asarray(ts).tolist(), init=init, rtol=float(rtol), atol=float(atol),
@@ -313,101 +291,165 @@ def sweep(
 
     if manifest is not None:
         order = np.asarray(manifest["order"], int)
-        stiff_pilot = np.asarray(manifest["stiff"], bool)
+        slots = int(manifest["slots"])
     else:
         order = np.arange(B)
-        stiff_pilot = np.zeros(B, bool)
-        if pilot and B > 1:
-            # A cheap pilot (loose tolerance, 2^12 steps, two save times) estimates each
-            # trajectory's cost. Stiffness caps the explicit step size whatever the tolerance,
-            # so members that exhaust the pilot's budget go straight to Kvaerno5; the others
-            # are sorted by cost so that chunks step in near-lockstep.
+        if pilot and B >= 64:  # small grids: one batch, a pilot would only add a compile
+            # A cheap pilot (loose tolerance, 2^12 steps, no intermediate saves) estimates
+            # each trajectory's cost; the queue then starts with the longest (LPT scheduling),
+            # so the last slots to finish are short ones.
             est = np.zeros(B)
-            pilot_ts = jnp.stack([t0, t1])
-            for start in range(0, B, chunk):
-                idx = np.arange(start, min(B, start + chunk))
-                res, _ = run(idx, dfx.Tsit5(), 2**12, 1e-4, 1e-6, pilot_ts, gtol)
-                est[idx] = res["num_steps"]
-                stiff_pilot[idx] = res["result"] == int(dfx.RESULTS.max_steps_reached._value)
-            order = np.argsort(est, kind="stable")
+
+            def pilot_retire(gids, rows, work, slot_iters):
+                # converged or done: its steps at loose tolerance x (1e-4/rtol)^(1/5) for a
+                # 5th-order method; out of budget (stiff: the step is stability-limited, not
+                # tolerance-limited): the budget extrapolated to the whole interval
+                frac = (rows["t"] - float(t0)) / float(t1 - t0)
+                est[gids] = np.where(rows["status"] == BUDGET,
+                                     2**12 / np.maximum(frac, 2**12 / explicit_max_steps),
+                                     rows["steps"] * (1e-4 / float(rtol)) ** 0.2)
+
+            queue(order, 1e-4, 1e-6, jnp.full_like(ts, t1), 2**12, pilot_retire, slots)
+            order = np.argsort(-est, kind="stable")
         if outdir is not None:
             m = {"hash": _grid_hash(spec), "order": order.tolist(), "spec": spec,
-                 "stiff": stiff_pilot.tolist()}
+                 "slots": slots}
             tmp = outdir / "manifest.json.tmp"
             tmp.write_text(json.dumps(m))
             os.replace(tmp, outdir / "manifest.json")
 
-    n_chunks = (B + chunk - 1) // chunk
     parts = []
-    bar = tqdm(range(n_chunks), desc="sweep", unit="chunk", disable=not progress)
-    for c in bar:
-        idx = order[c * chunk:(c + 1) * chunk]
-        path = None if outdir is None else outdir / f"chunk_{c:05d}.npz"
-        if path is not None and path.exists():
+    if outdir is not None:
+        for path in sorted(outdir.glob("chunk_[0-9][0-9][0-9][0-9][0-9].npz")):
             with np.load(path) as f:
                 parts.append(dict(f))
-            continue
-        start = time.perf_counter()
-        explicit_idx = np.flatnonzero(~stiff_pilot[idx])
-        res, u0 = None, None
-        implicit = stiff_pilot[idx].copy()
-        steps_explicit = np.zeros(0, int)
-        if explicit_idx.size:
-            r1, u1 = run(idx[explicit_idx], dfx.Tsit5(), explicit_max_steps, rtol, atol, ts,
-                         gtol)
-            steps_explicit = r1["num_steps"].copy()
-            failed = r1["result"] == int(dfx.RESULTS.max_steps_reached._value)
-            implicit[explicit_idx[failed]] = True
-            res = {k: np.zeros((len(idx),) + v.shape[1:], v.dtype) for k, v in r1.items()}
-            u0 = np.zeros((len(idx),) + u1.shape[1:], u1.dtype)
-            for k in res:
-                res[k][explicit_idx] = r1[k]
-            u0[explicit_idx] = u1
-        stiff = implicit
-        if implicit.any():
-            sub = np.flatnonzero(implicit)
-            r2, u2 = run(idx[sub], dfx.Kvaerno5(), max_steps, rtol, atol, ts, gtol)
-            if res is None:
-                res = {k: np.zeros((len(idx),) + v.shape[1:], v.dtype) for k, v in r2.items()}
-                u0 = np.zeros((len(idx),) + u2.shape[1:], u2.dtype)
-            for k in res:
-                res[k][sub] = r2[k]
-            u0[sub] = u2
-        # lockstep efficiency of the explicit batch (the implicit one if there was none)
-        steps = steps_explicit if steps_explicit.size else res["num_steps"]
-        eff = steps.sum() / (steps.size * max(1, steps.max()))
-        part = dict(index=idx, layers0=u0, implicit=implicit, efficiency=np.full(len(idx), eff),
-                    chunk=np.full(len(idx), c), seconds=np.full(len(idx),
-                                                                time.perf_counter() - start),
-                    **{k: v for k, v in res.items() if k not in ("xi_final", "layers_final")})
-        if path is not None:
-            _save_chunk(path, part)
-        parts.append(part)
-        bar.set_postfix(efficiency=f"{eff:.2f}", stiff=int(stiff.sum()))
+    done = np.zeros(B, bool)
+    for p in parts:
+        done[p["index"]] = True
+    next_chunk = 1 + max((int(p["chunk"][0]) for p in parts), default=-1)
+    bar = tqdm(total=B, initial=int(done.sum()), desc="sweep", unit="traj",
+               disable=not progress)
+    pending = {"rows": [], "work": 0, "iters": 0, "eff": np.nan}
+    stiff = []
+    tsn = np.asarray(ts)
+
+    def flush(force=False):
+        nonlocal next_chunk
+        count = sum(len(r["index"]) for r in pending["rows"])
+        if not count or (count < chunk and not force):
+            return
+        # lockstep efficiency of the slot-iterations since the last chunk was written
+        if pending["iters"]:
+            pending["eff"] = pending["work"] / pending["iters"]
+        pending["work"] = pending["iters"] = 0
+        rows = {k: np.concatenate([r[k] for r in pending["rows"]]) for k in pending["rows"][0]}
+        while count >= chunk or (force and count):
+            take = {k: v[:chunk] for k, v in rows.items()}
+            rows = {k: v[chunk:] for k, v in rows.items()}
+            n = len(take["index"])
+            count -= n
+            part = dict(take, chunk=np.full(n, next_chunk),
+                        efficiency=np.full(n, pending["eff"]))
+            if outdir is not None:
+                _save_chunk(outdir / f"chunk_{next_chunk:05d}.npz", part)
+            parts.append(part)
+            next_chunk += 1
+        pending["rows"] = [rows] if count else []
+
+    def retire(gids, rows, work, slot_iters):
+        pending["work"] += work
+        pending["iters"] += slot_iters
+        ok = (rows["status"] == DONE) | (rows["status"] == CONVERGED)
+        for i in np.flatnonzero(~ok):
+            stiff.append((int(gids[i]), {k: v[i] for k, v in rows.items()}))
+        if ok.any():
+            pending["rows"].append(_finish_rows(gids[ok], {k: v[ok] for k, v in rows.items()},
+                                                tsn, t1))
+        bar.update(int(ok.sum()))
+        flush()
+
+    queue(order[~done[order]], rtol, atol, ts, explicit_max_steps, retire, slots)
+    # members that exhausted the explicit budget (stiff) or failed: Kvaerno5 from where the
+    # explicit solver stopped
+    group_size = 8 * n_dev  # Kvaerno5 under vmap steps in lockstep: small groups
+    for start in range(0, len(stiff), group_size):
+        group = stiff[start:start + group_size]
+        rows = _implicit_finish(group, make_rows, problem, batched_problem, t1, ts, rtol, atol,
+                                max_steps - explicit_max_steps, gtol, group_size, sharding)
+        pending["rows"].append(rows)
+        bar.update(len(group))
+    flush(force=True)
+    bar.close()
 
     merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     inv = np.empty(B, int)
     inv[merged["index"]] = np.arange(B)
     m = {k: v[inv] for k, v in merged.items()}
-    sig = np.asarray(jax.vmap(masked_sigma)(jnp.asarray(m["layers0"]), jnp.asarray(g_depth)))
+    u0_all = np.asarray(make_rows(jnp.arange(B))[0])
+    theta = m["theta"]
+    if batched_problem:
+        loss = np.asarray(jax.vmap(lambda r, th: jax.vmap(as_problem(problem(r)).loss)(th))(
+            gr, jnp.asarray(theta)))
+    else:
+        loss = np.asarray(jax.vmap(jax.vmap(shared.loss))(jnp.asarray(theta)))
+    sig = np.asarray(jax.vmap(masked_sigma)(jnp.asarray(u0_all), gd))
     rate, thm = np.full(B, np.nan), np.full(B, np.nan)
-    tsn = np.asarray(ts)
     for b in range(B):
-        p = as_problem(problem(int(g_seed[b])) if batched_problem else problem)
+        p = shared if not batched_problem else as_problem(problem(int(g_seed[b])))
         if isinstance(p, LeastSquares):
             live = tsn <= m["t_final"][b]
             if live.sum() >= 2 and m["ok"][b]:
-                sub = np.asarray(p.suboptimality(jnp.asarray(m["theta"][b][live])))
+                sub = np.asarray(p.suboptimality(jnp.asarray(theta[b][live])))
                 rate[b] = empirical_rate(tsn[live], sub)
             thm[b] = 2 * sig[b] * float(p.pl_constant)
-    eff = np.array([parts[i]["efficiency"][0] for i in range(len(parts))])
+    chunks = np.unique(m["chunk"])
+    eff = np.array([m["efficiency"][m["chunk"] == c][0] for c in chunks])
     return SweepResult(
-        depth=g_depth, scale=g_scale, seed=g_seed, ts=tsn, theta=m["theta"], loss=m["loss"],
-        theta_final=m["theta"][:, -1], num_steps=m["num_steps"], ok=m["ok"].astype(bool),
+        depth=g_depth, scale=g_scale, seed=g_seed, ts=tsn, theta=theta, loss=loss,
+        theta_final=theta[:, -1], num_steps=m["num_steps"], ok=m["ok"].astype(bool),
         result=m["result"], t_final=m["t_final"], implicit=m["implicit"].astype(bool),
-        sigma=sig, rate=rate, theorem2_rate=thm, layers0=m["layers0"], chunk=m["chunk"],
+        sigma=sig, rate=rate, theorem2_rate=thm, layers0=u0_all, chunk=m["chunk"],
         efficiency=eff,
     )
+
+
+def _finish_rows(gids, rows, tsn, t1):
+    """Explicit results to sweep rows: saves after a steady-state stop hold the final state."""
+    theta = rows["saves"].copy()
+    final = np.prod(rows["u"], axis=1)
+    after = np.arange(theta.shape[1])[None, :] >= rows["save_i"][:, None]
+    theta = np.where(after[..., None], final[:, None, :], theta)
+    conv = rows["status"] == CONVERGED
+    result = np.where(conv, int(dfx.RESULTS.event_occurred._value), 0)
+    return dict(index=np.asarray(gids), theta=theta, num_steps=rows["steps"],
+                ok=np.ones(len(gids), bool), result=result,
+                t_final=np.where(conv, rows["t"], float(t1)),
+                implicit=np.zeros(len(gids), bool))
+
+
+def _implicit_finish(group, make_rows, problem, batched, t1, ts, rtol, atol, max_steps, gtol,
+                     chunk, sharding):
+    gids = np.array([g for g, _ in group])
+    n = len(gids)
+    pad = lambda x: _pad_to(jnp.asarray(x), chunk)  # noqa: E731
+    u = pad(np.stack([r["u"] for _, r in group]))
+    xi = pad(np.stack([r["xi"] for _, r in group]))
+    t_start = pad(np.array([r["t"] for _, r in group]))
+    _, depth, probs = make_rows(pad(gids))
+    shared = None if batched else as_problem(problem)
+    res = _solve_batch(_shard(u, sharding), _shard(xi, sharding), _shard(t_start, sharding),
+                       _shard(depth, sharding), probs if batched else shared, batched, t1, ts,
+                       dfx.Kvaerno5(), jnp.asarray(rtol), jnp.asarray(atol), max_steps, gtol)
+    res = jax.tree_util.tree_map(lambda x: np.array(x)[:n], res)
+    theta = res["theta"]
+    # saves before the hand-over come from the explicit solve
+    for i, (_, r) in enumerate(group):
+        k = int(r["save_i"])
+        theta[i, :k] = r["saves"][:k]
+    return dict(index=gids, theta=theta,
+                num_steps=np.array([r["steps"] for _, r in group]) + res["num_steps"],
+                ok=res["ok"], result=res["result"], t_final=res["t_final"],
+                implicit=np.ones(n, bool))
 
 
 def _problem_fingerprint(problem, batched, seeds):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ddln_jax as dd
-from ddln_jax import _sweep
+from ddln_jax import _stepper
 
 
 def _problem():
@@ -30,10 +30,10 @@ def test_grid_points_equal_individual_solves():
         u0 = np.asarray(res.layers0[b])
         assert np.all(u0[L:] == 1.0)  # frozen unit padding
         single = dd.gradient_flow(u0[:L], p, t1=10.0, ts=TS)
-        # rtol 1e-8: agreement to 10 * rtol; the masked error norm gives the very same steps
+        # rtol 1e-8: agreement to 10 * rtol with diffrax's Tsit5 (another step sequence: the
+        # sweep's stepper lands on every save time instead of interpolating)
         np.testing.assert_allclose(res.theta[b], single.theta, rtol=1e-7, atol=1e-7)
-        if not res.implicit[b]:
-            assert int(res.num_steps[b]) == int(single.num_steps)
+        assert 0.8 < int(res.num_steps[b]) / int(single.num_steps) < 1.5
     # labels and derived quantities
     assert list(res.depth[:4]) == [2, 2, 2, 2] and list(res.seed[:2]) == [0, 1]
     for b in range(12):
@@ -47,7 +47,10 @@ def test_same_key_same_result_and_init_independent_of_grid():
     a = dd.sweep(p, **KW)
     b = dd.sweep(p, **{**KW, "depths": [3]})
     rows = a.depth == 3
+    # padded to depth 5 in `a`, unpadded in `b`: the error norm restricted to the real layers
+    # gives the very same steps and values
     np.testing.assert_array_equal(a.theta[rows], b.theta)
+    np.testing.assert_array_equal(a.num_steps[rows], b.num_steps)
 
 
 def test_problem_per_seed():
@@ -86,9 +89,12 @@ def test_kill_and_resume(tmp_path):
 def test_no_retrace_across_chunks():
     p = _problem()
     dd.sweep(p, **KW)
-    before = _sweep._solve_batch._cached._cache_size()
-    dd.sweep(p, **{**KW, "scales": [0.7, 0.9, 1.1], "seeds": [5, 6, 7]})  # more chunks
-    assert _sweep._solve_batch._cached._cache_size() == before
+    caches = (_stepper.advance._cached, _stepper.refill._cached)
+    before = [c._cache_size() for c in caches]
+    # another grid of the same size: new depths, scales and seeds, more slot refills
+    dd.sweep(p, **{**KW, "depths": [2, 4, 5], "scales": [0.7, 1.1], "seeds": [5, 6],
+                   "max_chunk": 2})
+    assert [c._cache_size() for c in caches] == before
 
 
 def test_steady_state_stop_and_stiff_fallback():
@@ -106,6 +112,21 @@ def test_steady_state_stop_and_stiff_fallback():
         single = dd.gradient_flow(res.layers0[b][:L], p, t1=50.0, ts=kw["ts"],
                                   solver="kvaerno5", stop_when_converged=1e-9)
         np.testing.assert_allclose(res.theta[b], single.theta, atol=1e-6)
+
+
+def test_pilot_order_and_slot_migration_do_not_change_results():
+    # 64 trajectories in 64 slots, moved to 16-slot arrays as they finish; with the pilot they
+    # are queued longest first. Each trajectory's arithmetic is independent of its slot.
+    p = _problem()
+    kw = {**KW, "seeds": range(16), "max_chunk": 64}
+    plain = dd.sweep(p, **kw)
+    piloted = dd.sweep(p, pilot=True, **kw)
+    np.testing.assert_allclose(piloted.theta, plain.theta, rtol=1e-12, atol=1e-14)
+    np.testing.assert_array_equal(piloted.num_steps, plain.num_steps)
+    for b in (0, 63):
+        L = int(plain.depth[b])
+        single = dd.gradient_flow(plain.layers0[b][:L], p, t1=10.0, ts=TS)
+        np.testing.assert_allclose(plain.theta[b], single.theta, rtol=1e-7, atol=1e-7)
 
 
 def test_bad_arguments():
