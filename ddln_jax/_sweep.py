@@ -255,13 +255,9 @@ def sweep(
     shared = None if batched_problem else as_problem(problem)
     gd, gs, gr = (jnp.asarray(g_depth), jnp.asarray(g_scale), jnp.asarray(g_seed))
 
-    @jax.jit
     def make_rows(gids):
-        keys = jax.vmap(lambda r: jr.fold_in(key, r))(gr[gids])
-        u0 = jax.vmap(lambda k, d, sc: padded_init(k, d, max_depth, dim, sc, init))(
-            keys, gd[gids], gs[gids])
-        probs = jax.vmap(problem)(gr[gids]) if batched_problem else None
-        return u0, gd[gids], probs
+        return _make_rows(gids, gd, gs, gr, key, max_depth, dim, init,
+                          problem if batched_problem else None)
 
     def queue(order, rt, at, save_ts, budget, on_retire, num_slots):
         return run_queue(order, make_rows, num_slots=num_slots, max_depth=max_depth, dim=dim,
@@ -387,21 +383,17 @@ def sweep(
     m = {k: v[inv] for k, v in merged.items()}
     u0_all = np.asarray(make_rows(jnp.arange(B))[0])
     theta = m["theta"]
-    if batched_problem:
-        loss = np.asarray(jax.vmap(lambda r, th: jax.vmap(as_problem(problem(r)).loss)(th))(
-            gr, jnp.asarray(theta)))
-    else:
-        loss = np.asarray(jax.vmap(jax.vmap(shared.loss))(jnp.asarray(theta)))
-    sig = np.asarray(jax.vmap(masked_sigma)(jnp.asarray(u0_all), gd))
+    least_squares = isinstance(sample, LeastSquares)
+    loss, sub, sig, mu = (np.asarray(x) for x in _post(
+        jnp.asarray(theta), jnp.asarray(u0_all), gd, gr, shared,
+        problem if batched_problem else None, least_squares))
     rate, thm = np.full(B, np.nan), np.full(B, np.nan)
-    for b in range(B):
-        p = shared if not batched_problem else as_problem(problem(int(g_seed[b])))
-        if isinstance(p, LeastSquares):
+    if least_squares:
+        thm = 2 * sig * mu
+        for b in np.flatnonzero(m["ok"]):
             live = tsn <= m["t_final"][b]
-            if live.sum() >= 2 and m["ok"][b]:
-                sub = np.asarray(p.suboptimality(jnp.asarray(theta[b][live])))
-                rate[b] = empirical_rate(tsn[live], sub)
-            thm[b] = 2 * sig[b] * float(p.pl_constant)
+            if live.sum() >= 2:
+                rate[b] = empirical_rate(tsn[live], sub[b][live])
     chunks = np.unique(m["chunk"])
     eff = np.array([m["efficiency"][m["chunk"] == c][0] for c in chunks])
     return SweepResult(
@@ -411,6 +403,37 @@ def sweep(
         sigma=sig, rate=rate, theorem2_rate=thm, layers0=u0_all, chunk=m["chunk"],
         efficiency=eff,
     )
+
+
+@eqx.filter_jit
+def _make_rows(gids, gd, gs, gr, key, max_depth, dim, init, problem_fn):
+    """Initial layers (padded), depths and (for a seed -> problem function) the problems of
+    the grid points `gids`."""
+    keys = jax.vmap(lambda r: jr.fold_in(key, r))(gr[gids])
+    u0 = jax.vmap(lambda k, d, sc: padded_init(k, d, max_depth, dim, sc, init))(
+        keys, gd[gids], gs[gids])
+    probs = None if problem_fn is None else jax.vmap(problem_fn)(gr[gids])
+    return u0, gd[gids], probs
+
+
+@eqx.filter_jit
+def _post(theta, u0, depth, seeds, shared, problem_fn, least_squares: bool):
+    """Loss, suboptimality (least squares), sigma and PL constants of every grid point."""
+    if problem_fn is None:
+        probs, axis = shared, None
+    else:
+        probs, axis = jax.vmap(problem_fn)(seeds), 0
+
+    def one(p, th):
+        p = as_problem(p)
+        loss = jax.vmap(p.loss)(th)
+        if least_squares:
+            return loss, p.suboptimality(th), p.pl_constant
+        return loss, loss, jnp.nan
+
+    loss, sub, mu = jax.vmap(one, in_axes=(axis, 0))(probs, theta)
+    sig = jax.vmap(masked_sigma)(u0, depth)
+    return loss, sub, sig, mu
 
 
 def _finish_rows(gids, rows, tsn, t1):

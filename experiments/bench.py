@@ -154,7 +154,7 @@ def main(*, quick: bool = False, out="results/bench") -> dict:
               f"sweep/loop {row['sweep_vs_loop']:.1f}x", flush=True)
 
     # depths 2..8 padded into one sweep against one sweep per depth (compiles included)
-    per_depth = 16 if quick else 128
+    per_depth = 16 if quick else 64
     depths = list(range(2, 9))
     t = time.perf_counter()
     padded = dd.sweep(problem, depths=depths, scales=[1.0], seeds=range(per_depth), **sweep_kw)

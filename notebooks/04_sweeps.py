@@ -10,12 +10,13 @@
 
 # %% [markdown]
 # # 04 · Sweeps over depth × init scale × seed
-# `dd.sweep` runs a whole grid of gradient flows in compiled, vmapped chunks: depths are padded
-# with frozen unit layers so one compilation serves every depth, a cheap pilot sorts the
-# trajectories by cost so a chunk does not wait for its slowest member (`pilot=True`, the
-# default, worth its extra compilation on large grids; off here), stiff members go to an
-# implicit solver, and converged flows stop early. With `out=` each chunk is written to disk
-# as it finishes, and a rerun resumes.
+# `dd.sweep` runs a whole grid of gradient flows in compiled, vmapped calls: a fixed number
+# of slots each step one trajectory with its own adaptive step size; a finished trajectory is
+# retired and its slot refilled with the next grid point, so the batch never waits for its
+# slowest member. Depths are padded with frozen unit layers so one compilation serves every
+# depth, stiff members continue with an implicit solver, converged flows stop early
+# (`stop_when_converged`). With `out=` finished trajectories are written to disk in chunks
+# as they finish, and a rerun resumes.
 
 # %%
 import tempfile
@@ -38,9 +39,10 @@ t1 = 50.0
 ts = jnp.linspace(0.0, t1, 100)
 out = tempfile.mkdtemp()
 res = dd.sweep(problem, depths=depths, scales=scales, seeds=range(seeds), t1=t1, ts=ts,
-               stop_when_converged=1e-8, out=out, pilot=False, progress=False)
+               stop_when_converged=1e-8, out=out, progress=False)
 print("trajectories:", len(res.depth), " all ok:", bool(res.ok.all()),
-      " lockstep efficiency per chunk:", np.round(res.efficiency, 2))
+      " lockstep efficiency per chunk:", np.round(res.efficiency, 2),
+      " steps per trajectory:", res.num_steps.min(), "..", res.num_steps.max())
 
 # %% [markdown]
 # Results are labelled: one row per grid point in `to_dataframe()` (pandas), arrays in
@@ -72,7 +74,7 @@ plt.show()
 
 # %%
 again = dd.sweep(problem, depths=depths, scales=scales, seeds=range(seeds), t1=t1, ts=ts,
-                 stop_when_converged=1e-8, out=out, pilot=False, progress=False)
+                 stop_when_converged=1e-8, out=out, progress=False)
 print("identical after resume:", bool(np.array_equal(again.theta, res.theta)))
 
 # %% [markdown]
@@ -80,8 +82,8 @@ print("identical after resume:", bool(np.array_equal(again.theta, res.theta)))
 # Install the CUDA wheels (`pip install -e ".[cuda]"`, i.e. `jax[cuda12]`) and run the same
 # call: `dd.sweep` shards each chunk's batch axis over every visible device with
 # `jax.sharding.NamedSharding` on a 1-D mesh, so 1 CPU, 8 GPUs or several hosts (after
-# `jax.distributed.initialize()`) use the same code. Raise `max_chunk` and `memory_budget` to
-# fill a large card. The command-line version with a phase diagram:
+# `jax.distributed.initialize()`) use the same code. Raise `max_slots` and `memory_budget` to
+# fill a large card (slots are cheap there: thousands at once). The command-line version with a phase diagram:
 #
 # ```
 # python -m experiments.sweep --depths 2 3 4 6 --scales 0.5 1 1.5 --seeds 256 --out results/sweep
