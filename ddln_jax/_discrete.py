@@ -14,10 +14,10 @@ import optax
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._flow import DIVERGED, Trajectory, check_problem_dim, warn_if_failed
+from ._flow import DIVERGED, Trajectory, make_trajectory, prepare_inputs, warn_if_failed
 from ._loss import as_problem
 from ._network import theta as product_theta
-from ._validate import check_finite, check_layers, check_positive, is_traced
+from ._validate import check_positive, is_traced
 
 
 def _check_int(name, value, minimum=1):
@@ -101,20 +101,9 @@ def _train(layers0, problem, optimizer, lr, dt, key, steps, save_every, batch_si
     _, _, _, alive, done, _ = carry
     cat = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), layers0, layers_s)
     xi_s = jnp.concatenate([xi0[None], xi_s])
-    theta_s = jax.vmap(parameterization)(cat)
     ts = dt * jnp.arange(0, steps + 1, save_every, dtype=xi0.dtype)
-    return Trajectory(
-        ts=ts,
-        layers=cat,
-        theta=theta_s,
-        xi=xi_s,
-        loss=jax.vmap(problem.loss)(theta_s),
-        layers0=layers0,
-        result=jnp.where(alive, 0, DIVERGED),
-        num_steps=done,
-        ok=alive,
-        t_final=dt * done,
-    )
+    return make_trajectory(ts, (cat, xi_s), jnp.where(alive, 0, DIVERGED), done, alive,
+                           dt * done, layers0, problem, parameterization)
 
 
 def train(
@@ -155,13 +144,7 @@ def train(
     `result = DIVERGED` (100), `t_final` the time it diverged; a `RuntimeWarning` says so
     outside of jit/vmap. Jit- and vmap-compatible (over step sizes, keys, inits).
     """
-    problem = as_problem(problem)
-    if parameterization is None:
-        parameterization = product_theta
-        layers0 = check_layers(layers0)
-        check_problem_dim(problem, layers0.shape[1])
-    else:
-        layers0 = jax.tree_util.tree_map(lambda x: check_finite("layers0", jnp.asarray(x)), layers0)
+    layers0, problem, parameterization = prepare_inputs(layers0, problem, parameterization)
     steps = _check_int("steps", steps)
     save_every = _check_int("save_every", save_every)
     if steps % save_every:

@@ -309,6 +309,20 @@ def check_problem_dim(problem, dim):
         )
 
 
+def prepare_inputs(layers0, problem, parameterization):
+    """Shared checks of the flows and of `train`: the problem as a loss object; with the
+    product parameterization (default) `(depth, dim)` layers matching the problem's dim,
+    otherwise any finite pytree."""
+    problem = as_problem(problem)
+    if parameterization is None:
+        parameterization = product_theta
+        layers0 = check_layers(layers0)
+        check_problem_dim(problem, layers0.shape[1])
+    else:
+        layers0 = jax.tree_util.tree_map(lambda x: check_finite("layers0", jnp.asarray(x)), layers0)
+    return layers0, problem, parameterization
+
+
 def gradient_flow(
     layers0: Float[Array, "depth dim"],
     problem,
@@ -350,13 +364,7 @@ def gradient_flow(
     non-positive tolerances, bad `ts`. A failed solve is not an exception: `traj.ok` is False
     and (outside jit/vmap) a `RuntimeWarning` says why.
     """
-    problem = as_problem(problem)
-    if parameterization is None:
-        parameterization = product_theta
-        layers0 = check_layers(layers0)
-        check_problem_dim(problem, layers0.shape[1])
-    else:
-        layers0 = jax.tree_util.tree_map(lambda x: check_finite("layers0", jnp.asarray(x)), layers0)
+    layers0, problem, parameterization = prepare_inputs(layers0, problem, parameterization)
     t0, t1, ts = check_times(t0, t1, ts)
     check_tolerances(rtol, atol, max_steps)
     gtol = _gtol(stop_when_converged)

@@ -26,27 +26,16 @@ from ._discrete import check_batch_size, num_rows, row_problem
 from ._flow import (
     DEFAULT_MAX_STEPS,
     Trajectory,
-    check_problem_dim,
     check_times,
     check_tolerances,
     diffeq,
+    make_trajectory,
+    prepare_inputs,
     resolve_solver,
     warn_if_failed,
 )
-from ._loss import as_problem
 from ._network import theta as product_theta
-from ._validate import check_finite, check_layers, check_positive, is_traced
-
-
-def _prepare(layers0, problem, parameterization):
-    problem = as_problem(problem)
-    if parameterization is None:
-        parameterization = product_theta
-        layers0 = check_layers(layers0)
-        check_problem_dim(problem, layers0.shape[1])
-    else:
-        layers0 = jax.tree_util.tree_map(lambda x: check_finite("layers0", jnp.asarray(x)), layers0)
-    return layers0, problem, parameterization
+from ._validate import check_finite, check_positive, is_traced
 
 
 def row_gradients(problem, th: Float[Array, " dim"]) -> Float[Array, "n dim"]:
@@ -96,15 +85,10 @@ def _solve_sde(layers0, problem, eta, key, t0, t1, ts, dt, solver, batch_size, m
         terms, solver, t0=t0, t1=t1, dt0=dt, y0=y0, saveat=dfx.SaveAt(ts=ts),
         stepsize_controller=dfx.ConstantStepSize(), max_steps=max_steps, throw=False,
     )
-    layers_ts, xi_ts = sol.ys
-    theta_ts = jax.vmap(parameterization)(layers_ts)
-    ok = sol.result == dfx.RESULTS.successful
-    ok = ok & jnp.all(jnp.isfinite(theta_ts))
-    return Trajectory(
-        ts=ts, layers=layers_ts, theta=theta_ts, xi=xi_ts,
-        loss=jax.vmap(problem.loss)(theta_ts), layers0=layers0, result=sol.result._value,
-        num_steps=sol.stats["num_steps"], ok=ok, t_final=jnp.where(ok, t1, t0),
-    )
+    theta_ts = jax.vmap(parameterization)(sol.ys[0])
+    ok = (sol.result == dfx.RESULTS.successful) & jnp.all(jnp.isfinite(theta_ts))
+    return make_trajectory(ts, sol.ys, sol.result._value, sol.stats["num_steps"], ok,
+                           jnp.where(ok, t1, t0), layers0, problem, parameterization)
 
 
 def stochastic_flow(
@@ -143,7 +127,7 @@ def stochastic_flow(
     **Returns:** a `Trajectory` (`xi` = -int (grad L dt + noise), the integrated stochastic
     gradient). `ok` is False, with a warning, if the solve failed or blew up.
     """
-    layers0, problem, parameterization = _prepare(layers0, problem, parameterization)
+    layers0, problem, parameterization = prepare_inputs(layers0, problem, parameterization)
     num_rows(problem)
     batch_size = check_batch_size(problem, batch_size)
     t0, t1, ts = check_times(t0, t1, ts)
@@ -184,12 +168,8 @@ def _solve_momentum(layers0, velocity0, problem, damping, t0, t1, ts, solver, rt
         max_steps=max_steps,
     )
     layers_ts, _, xi_ts = ys
-    theta_ts = jax.vmap(parameterization)(layers_ts)
-    return Trajectory(
-        ts=ts, layers=layers_ts, theta=theta_ts, xi=xi_ts,
-        loss=jax.vmap(problem.loss)(theta_ts), layers0=layers0, result=result,
-        num_steps=num_steps, ok=ok, t_final=t_final,
-    )
+    return make_trajectory(ts, (layers_ts, xi_ts), result, num_steps, ok, t_final, layers0,
+                           problem, parameterization)
 
 
 def momentum_flow(
@@ -219,7 +199,7 @@ def momentum_flow(
 
     **Returns:** a `Trajectory` (`xi` = -int grad_theta L dt).
     """
-    layers0, problem, parameterization = _prepare(layers0, problem, parameterization)
+    layers0, problem, parameterization = prepare_inputs(layers0, problem, parameterization)
     t0, t1, ts = check_times(t0, t1, ts)
     check_tolerances(rtol, atol, max_steps)
     check_positive("damping", damping)

@@ -83,7 +83,8 @@ print("identical after resume:", bool(np.array_equal(again.theta, res.theta)))
 # call: `dd.sweep` shards each chunk's batch axis over every visible device with
 # `jax.sharding.NamedSharding` on a 1-D mesh, so 1 CPU, 8 GPUs or several hosts (after
 # `jax.distributed.initialize()`) use the same code. Raise `max_slots` and `memory_budget` to
-# fill a large card (slots are cheap there: thousands at once). The command-line version with a phase diagram:
+# fill a large card (slots are cheap there: thousands at once). The command-line version
+# with a phase diagram:
 #
 # ```
 # python -m experiments.sweep --depths 2 3 4 6 --scales 0.5 1 1.5 --seeds 256 --out results/sweep
