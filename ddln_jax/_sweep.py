@@ -29,19 +29,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from ._flow import check_times, check_tolerances, diffeq, layer_vector_field
+from ._flow import check_times, check_tolerances
 from ._geometry import empirical_rate
 from ._loss import LeastSquares, as_problem
-from ._network import theta as product_theta
-from ._stepper import BUDGET, CONVERGED, DONE, run_queue
+from ._stepper import BUDGET, CONVERGED, DONE, SLOT_QUANTUM, run_implicit, run_queue
 from ._validate import check_depth
 
 INITS = ("gaussian", "zero_first")
-
-
-def _rms_all(e):
-    leaves = jax.tree_util.tree_leaves(e)
-    return jnp.sqrt(sum(jnp.sum(x**2) for x in leaves) / sum(x.size for x in leaves))
 
 
 def padded_init(key, depth, max_depth: int, dim: int, scale, init: str):
@@ -63,42 +57,6 @@ def masked_sigma(layers0, depth):
     smin = jnp.take_along_axis(sq, k[None], axis=0)
     factors = jnp.where((rows == k[None]) | ~real, 1.0, sq - smin)
     return jnp.min(jnp.prod(factors, axis=0))
-
-
-def _solve_one(u, xi, t_start, depth, problem, t1, ts, solver, rtol, atol, max_steps, gtol):
-    """Gradient flow from the state (u, xi) at `t_start` (a hand-over from the explicit
-    stepper) to t1 with a diffrax solver; saves at ts <= t_start repeat the start state."""
-    max_depth, dim = u.shape
-    mask = jnp.broadcast_to(jnp.arange(max_depth)[:, None] < depth, u.shape).astype(u.dtype)
-    base = layer_vector_field(product_theta)
-
-    def vf(t, y, args):
-        du, dxi = base(t, y, args)
-        return du * mask, dxi
-
-    # diffrax's implicit solvers stall with a masked error norm (seen: Kvaerno5 stuck at
-    # t ~ 3e-5), so the plain RMS over all entries is used (padded entries have zero error)
-    controller = dfx.PIDController(rtol=rtol, atol=atol, norm=_rms_all)
-    t_start = jnp.minimum(t_start, t1)
-    save_ts = jnp.maximum(ts, t_start)
-    (layers_ts, _), result, num_steps, ok, t_final = diffeq(
-        vf, (u, xi), problem, t0=t_start, t1=t1, ts=save_ts, solver=solver, rtol=rtol,
-        atol=atol, max_steps=max_steps, gtol=gtol, controller=controller,
-    )
-    return dict(theta=jax.vmap(product_theta)(layers_ts), result=result, num_steps=num_steps,
-                ok=ok, t_final=t_final)
-
-
-@eqx.filter_jit
-def _solve_batch(u, xi, t_start, depth, problem, batched_problem: bool, t1, ts, solver, rtol,
-                 atol, max_steps, gtol):
-    in_axes = (0, 0, 0, 0, 0 if batched_problem else None) + (None,) * 4
-    f = jax.vmap(
-        lambda a, b, c, d, p, e, f_, r, s: _solve_one(a, b, c, d, p, e, f_, solver, r, s,
-                                                      max_steps, gtol),
-        in_axes=in_axes,
-    )
-    return f(u, xi, t_start, depth, problem, t1, ts, rtol, atol)
 
 
 class SweepResult(eqx.Module):
@@ -154,18 +112,6 @@ def _save_chunk(path: Path, arrays: dict):
     os.replace(tmp, path)
 
 
-def _shard(x, sharding):
-    return jax.device_put(x, sharding) if sharding is not None else x
-
-
-def _pad_to(x, size):
-    """Pad the leading axis to `size` by repeating the last row (results are discarded)."""
-    n = x.shape[0]
-    if n == size:
-        return x
-    return jnp.concatenate([x, jnp.repeat(x[-1:], size - n, axis=0)], axis=0)
-
-
 def sweep(
     problem,
     *,
@@ -182,7 +128,8 @@ def sweep(
     out=None,
     memory_budget: int = 2**30,
     max_chunk: int = 256,
-    max_slots: int = 1024,
+    max_slots: int | None = None,
+    workers: int | None = None,
     explicit_max_steps: int = 2**16,
     max_steps: int = 2**20,
     pilot: bool = False,
@@ -206,8 +153,13 @@ def sweep(
         flight.
     - `memory_budget`: bytes for the slots (saved trajectories and solver state); caps the
         number of slots.
-    - `max_slots`: most trajectories stepped at once (per call; sharded over devices). On a
-        CPU a few hundred is enough (the cost per slot-step is flat); on a GPU use more.
+    - `max_slots`: most trajectories stepped at once (sharded over devices). Default: 128
+        per worker on a CPU (the cost per slot-step is lowest while a slot array fits the
+        core's cache), 16384 on an accelerator.
+    - `workers`: independent slot arrays stepped by as many host threads, each on a fixed
+        share of the grid (the result does not depend on it). Default: one per CPU core
+        when running on a single CPU device (XLA steps one small computation on one core),
+        else 1 (the slot axis is sharded over the devices instead).
     - `max_chunk`: trajectories per chunk file (the unit of resume) and per Kvaerno5 batch.
     - `explicit_max_steps`: Tsit5 step budget per trajectory; those that exhaust it are
         stiff and continue with Kvaerno5 from where they stopped (up to `max_steps` in all).
@@ -249,8 +201,21 @@ def sweep(
     sharding = NamedSharding(Mesh(np.array(devices), ("batch",)), PartitionSpec("batch"))
     # memory per slot: saved theta, the state and the 7 stages of Tsit5
     per_traj = 8 * (T * dim + 24 * (max_depth + 1) * dim)
-    slots = int(max(1, min(max_slots, memory_budget // per_traj, B)))
-    slots = max(n_dev, -(-slots // n_dev) * n_dev)
+    on_cpu = devices[0].platform == "cpu"
+    if workers is None:
+        workers = (os.cpu_count() or 1) if on_cpu and n_dev == 1 else 1
+    workers = int(workers)
+    if workers < 1:
+        raise ValueError(f"`workers` must be >= 1, got {workers}.")
+    if n_dev > 1 and workers > 1:
+        raise ValueError("`workers` > 1 needs a single device (several devices are used by "
+                         "sharding the slot axis); pass workers=1.")
+    if max_slots is None:
+        max_slots = 128 * workers if on_cpu else 2**14
+    # each worker's slot array (per device) holds whole blocks of SLOT_QUANTUM slots
+    q = SLOT_QUANTUM * n_dev
+    per_worker = int(max(1, min(max_slots, memory_budget // per_traj, B) // workers))
+    slots = workers * (-(-per_worker // q) * q)
     chunk = int(max(1, min(max_chunk, B)))
     shared = None if batched_problem else as_problem(problem)
     gd, gs, gr = (jnp.asarray(g_depth), jnp.asarray(g_scale), jnp.asarray(g_seed))
@@ -263,8 +228,9 @@ def sweep(
         return run_queue(order, make_rows, num_slots=num_slots, max_depth=max_depth, dim=dim,
                          shared_problem=shared, t0=t0, t1=t1, ts=save_ts,
                          rtol=jnp.asarray(rt, float), atol=jnp.asarray(at, float), gtol=gtol,
-                         budget=budget, on_retire=on_retire, sharding=sharding,
-                         tail_slots=16 * n_dev)
+                         budget=budget, on_retire=on_retire,
+                         sharding=sharding if n_dev > 1 else None, tail_slots=q,
+                         workers=workers)
 
     spec = dict(depths=depths, scales=scales, seeds=seeds, t0=float(t0), t1=float(t1),
                 ts=np.asarray(ts).tolist(), init=init, rtol=float(rtol), atol=float(atol),
@@ -288,6 +254,7 @@ def sweep(
     if manifest is not None:
         order = np.asarray(manifest["order"], int)
         slots = int(manifest["slots"])
+        workers = int(manifest.get("workers", workers))
     else:
         order = np.arange(B)
         if pilot and B >= 64:  # small grids: one batch, a pilot would only add a compile
@@ -309,7 +276,7 @@ def sweep(
             order = np.argsort(-est, kind="stable")
         if outdir is not None:
             m = {"hash": _grid_hash(spec), "order": order.tolist(), "spec": spec,
-                 "slots": slots}
+                 "slots": slots, "workers": workers}
             tmp = outdir / "manifest.json.tmp"
             tmp.write_text(json.dumps(m))
             os.replace(tmp, outdir / "manifest.json")
@@ -365,14 +332,20 @@ def sweep(
         flush()
 
     queue(order[~done[order]], rtol, atol, ts, explicit_max_steps, retire, slots)
-    # members that exhausted the explicit budget (stiff) or failed: Kvaerno5 from where the
-    # explicit solver stopped
-    group_size = 8 * n_dev  # Kvaerno5 under vmap steps in lockstep: small groups
+    # stiff members (and any that exhausted the explicit budget or failed): Kvaerno5 from
+    # where the explicit stepper stopped, every slot with its own step size
+    # (not in worker threads: XLA's CPU runtime can deadlock when concurrent executions
+    # wait on its intra-op thread pool, which the implicit step's linear algebra uses)
+    stiff.sort(key=lambda item: item[0])  # groups independent of the retirement order
+    group_size = 64 * n_dev
     for start in range(0, len(stiff), group_size):
         group = stiff[start:start + group_size]
-        rows = _implicit_finish(group, make_rows, problem, batched_problem, t1, ts, rtol, atol,
-                                max_steps - explicit_max_steps, gtol, group_size, sharding)
+        rows, work, slot_iters = _implicit_rows(
+            group, make_rows, problem, batched_problem, t1, ts, rtol, atol, max_steps, gtol,
+            sharding if n_dev > 1 else None)
         pending["rows"].append(rows)
+        pending["work"] += work
+        pending["iters"] += slot_iters
         bar.update(len(group))
     flush(force=True)
     bar.close()
@@ -450,29 +423,24 @@ def _finish_rows(gids, rows, tsn, t1):
                 implicit=np.zeros(len(gids), bool))
 
 
-def _implicit_finish(group, make_rows, problem, batched, t1, ts, rtol, atol, max_steps, gtol,
-                     chunk, sharding):
+def _implicit_rows(group, make_rows, problem, batched, t1, ts, rtol, atol, budget, gtol,
+                   sharding):
+    """Kvaerno5 (batched, `_stepper.run_implicit`) from where the explicit stepper stopped."""
     gids = np.array([g for g, _ in group])
-    n = len(gids)
-    pad = lambda x: _pad_to(jnp.asarray(x), chunk)  # noqa: E731
-    u = pad(np.stack([r["u"] for _, r in group]))
-    xi = pad(np.stack([r["xi"] for _, r in group]))
-    t_start = pad(np.array([r["t"] for _, r in group]))
-    _, depth, probs = make_rows(pad(gids))
-    shared = None if batched else as_problem(problem)
-    res = _solve_batch(_shard(u, sharding), _shard(xi, sharding), _shard(t_start, sharding),
-                       _shard(depth, sharding), probs if batched else shared, batched, t1, ts,
-                       dfx.Kvaerno5(), jnp.asarray(rtol), jnp.asarray(atol), max_steps, gtol)
-    res = jax.tree_util.tree_map(lambda x: np.array(x)[:n], res)
-    theta = res["theta"]
-    # saves before the hand-over come from the explicit solve
-    for i, (_, r) in enumerate(group):
-        k = int(r["save_i"])
-        theta[i, :k] = r["saves"][:k]
-    return dict(index=gids, theta=theta,
-                num_steps=np.array([r["steps"] for _, r in group]) + res["num_steps"],
-                ok=res["ok"], result=res["result"], t_final=res["t_final"],
-                implicit=np.ones(n, bool))
+    rows = {k: np.stack([r[k] for _, r in group]) for k in group[0][1]}
+    _, depth, probs = make_rows(jnp.asarray(gids))
+    out, slot_iters = run_implicit(
+        rows, gids, np.asarray(depth), probs if batched else None,
+        shared_problem=None if batched else as_problem(problem), t1=t1, ts=ts,
+        rtol=jnp.asarray(rtol, float), atol=jnp.asarray(atol, float), gtol=gtol,
+        budget=budget, sharding=sharding)
+    ok = (out["status"] == DONE) | (out["status"] == CONVERGED)
+    res = _finish_rows(gids, out, np.asarray(ts), t1)
+    res["ok"] = ok
+    res["result"] = np.where(ok, res["result"], int(dfx.RESULTS.max_steps_reached._value))
+    res["t_final"] = np.where(ok, res["t_final"], out["t"])
+    res["implicit"] = np.ones(len(gids), bool)
+    return res, int(out["steps"].sum() - rows["steps"].sum()), slot_iters
 
 
 def _problem_fingerprint(problem, batched, seeds):

@@ -114,6 +114,33 @@ def test_steady_state_stop_and_stiff_fallback():
         np.testing.assert_allclose(res.theta[b], single.theta, atol=1e-6)
 
 
+def test_stiffness_detection_hands_over_early():
+    # a large init is stiff after its transient: Hairer's test (h x stiff eigenvalue at the
+    # stability boundary) hands it to the batched Kvaerno5 long before the explicit budget
+    p = _problem()
+    kw = {**KW, "depths": [3], "scales": [2.2], "seeds": [0, 1, 2, 3],
+          "stop_when_converged": 1e-9, "t1": 200.0, "ts": jnp.linspace(0, 200, 11)}
+    res = dd.sweep(p, **kw)
+    assert res.ok.all() and res.implicit.any()
+    assert np.all(res.num_steps < 2**14)  # explicit + implicit, well under the 2^16 budget
+    for b in np.flatnonzero(res.implicit)[:2]:
+        single = dd.gradient_flow(res.layers0[b][:3], p, t1=200.0, ts=kw["ts"],
+                                  solver="kvaerno5", stop_when_converged=1e-9)
+        np.testing.assert_allclose(res.theta[b], single.theta, atol=1e-6)
+
+
+def test_workers_do_not_change_results():
+    # each worker thread steps a fixed share of the grid; slot arrays hold whole blocks of
+    # SLOT_QUANTUM slots, so a trajectory's bits do not depend on where it ran
+    p = _problem()
+    one = dd.sweep(p, workers=1, **KW)
+    three = dd.sweep(p, workers=3, **KW)
+    np.testing.assert_array_equal(one.theta, three.theta)
+    np.testing.assert_array_equal(one.num_steps, three.num_steps)
+    with pytest.raises(ValueError, match="`workers`"):
+        dd.sweep(p, workers=0, **KW)
+
+
 def test_pilot_order_and_slot_migration_do_not_change_results():
     # 64 trajectories in 64 slots, moved to 16-slot arrays as they finish; with the pilot they
     # are queued longest first. Each trajectory's arithmetic is independent of its slot.
