@@ -32,7 +32,7 @@ ACTIVE, DONE, CONVERGED, BUDGET, FAILED, EMPTY, STIFF = 0, 1, 2, 3, 4, 5, 6
 # IV.2, as in DOPRI5's stiffness test) and goes to the implicit solver
 STIFF_H_RHO, STIFF_STEPS = 3.0, 32
 # ... provided the rest of the interval would take more than this many steps at that size
-STIFF_REST_STEPS = 2**14
+STIFF_REST_STEPS = 2**16
 # Slot arrays (per device) hold a multiple of this many slots: XLA's CPU kernels treat the
 # last few columns of a vectorised loop or matmul differently, and with whole blocks a
 # trajectory's bits do not depend on its slot or on the array size (so padding, resuming
