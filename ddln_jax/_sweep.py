@@ -66,8 +66,8 @@ class SweepResult(eqx.Module):
     """Labelled results of `sweep`, one row per grid point (order: depth, scale, seed).
 
     Arrays: `depth, scale, seed (B,)`, `ts (T,)`, `theta (B, T, dim)`, `loss (B, T)`,
-    `theta_final (B, dim)`, `num_steps, ok, result, t_final (B,)`, `implicit (B,)` (solved
-    further with Kvaerno5), `sigma (B,)` (eq 13), `rate (B,)` (empirical exponential rate,
+    `theta_final (B, dim)`, `num_steps, ok, result, t_final (B,)`, `implicit (B,)` (finished
+    with Kvaerno5), `sigma (B,)` (eq 13), `rate (B,)` (empirical exponential rate,
     least squares only), `theorem2_rate (B,)` (2 sigma mu), `layers0 (B, max_depth, dim)`
     (padded with ones), `chunk (B,)`. `efficiency`: lockstep efficiency per chunk.
     """
