@@ -233,7 +233,7 @@ def _kvaerno5_stages(s: Slots, h, problem, batched, rtol, atol):
     scale = atol + rtol * jnp.abs(s.u)
     ku, kx = [s.fu], [s.fxi]
     converged = jnp.ones_like(h, bool)
-    for i, (ai, pi) in enumerate(zip(_KV.a_lower, _KV.a_predictor)):
+    for ai, pi in zip(_KV.a_lower, _KV.a_predictor):
         c = s.u + h * sum(float(a) * k for a, k in zip(ai, ku))
         z0 = s.u + h * sum(float(a) * k for a, k in zip(pi, ku))
 

@@ -114,17 +114,24 @@ def test_steady_state_stop_and_stiff_fallback():
         np.testing.assert_allclose(res.theta[b], single.theta, atol=1e-6)
 
 
-def test_stiffness_detection_hands_over_early():
+def _per_seed(seed):
+    k = jr.fold_in(jr.key(7), seed)
+    return dd.LeastSquares(jr.normal(k, (8, 4)), jr.normal(jr.fold_in(k, 1), (8,)))
+
+
+@pytest.mark.parametrize("per_seed", [False, True])
+def test_stiffness_detection_hands_over_early(per_seed):
     # a large init is stiff after its transient: Hairer's test (h x stiff eigenvalue at the
     # stability boundary) hands it to the batched Kvaerno5 long before the explicit budget
-    p = _problem()
+    p = _per_seed if per_seed else _problem()
     kw = {**KW, "depths": [3], "scales": [2.2], "seeds": [0, 1, 2, 3],
           "stop_when_converged": 1e-9, "t1": 1000.0, "ts": jnp.linspace(0, 1000, 11)}
     res = dd.sweep(p, **kw)
     assert res.ok.all() and res.implicit.any()
     assert np.all(res.num_steps < 2**14)  # explicit + implicit, well under the 2^16 budget
     for b in np.flatnonzero(res.implicit)[:2]:
-        single = dd.gradient_flow(res.layers0[b][:3], p, t1=1000.0, ts=kw["ts"],
+        problem = _per_seed(int(res.seed[b])) if per_seed else p
+        single = dd.gradient_flow(res.layers0[b][:3], problem, t1=1000.0, ts=kw["ts"],
                                   solver="kvaerno5", stop_when_converged=1e-9)
         np.testing.assert_allclose(res.theta[b], single.theta, atol=1e-6)
 
