@@ -384,6 +384,17 @@ def _placer(sharding):
     return put, put_slots
 
 
+def host_rows(slots: Slots, sel) -> dict:
+    """The slots `sel` (a mask or slice) as slot-first numpy arrays."""
+    return {
+        "saves": np.asarray(slots.saves)[sel],
+        "u": np.moveaxis(np.asarray(slots.u), -1, 0)[sel],
+        "xi": np.asarray(slots.xi).T[sel], "t": np.asarray(slots.t)[sel],
+        "steps": np.asarray(slots.steps)[sel], "status": np.asarray(slots.status)[sel],
+        "save_i": np.asarray(slots.save_i)[sel],
+    }
+
+
 def run_queue(order, make_rows, *, num_slots: int, max_depth: int, dim: int, shared_problem,
               t0, t1, ts, rtol, atol, gtol, budget: int, on_retire, segment_iters: int = 256,
               tail_slots: int = 2, sharding=None, workers: int = 1, dtype=jnp.float64):
@@ -399,9 +410,10 @@ def run_queue(order, make_rows, *, num_slots: int, max_depth: int, dim: int, sha
     is how the cores are used. Once a worker's queue is empty, its busy slots move to 4x
     smaller arrays (down to `tail_slots`) whenever three quarters of them are idle."""
     order = np.asarray(order, np.int64)
+    per = num_slots // max(1, int(workers))  # slots per worker, before idle workers are dropped
     workers = max(1, min(int(workers), order.size))
     if workers == 1:
-        _run_worker(order, make_rows, num_slots, max_depth, dim, shared_problem, t0, t1, ts,
+        _run_worker(order, make_rows, per, max_depth, dim, shared_problem, t0, t1, ts,
                     rtol, atol, gtol, budget, on_retire, segment_iters, tail_slots, sharding,
                     dtype)
         return
@@ -411,7 +423,6 @@ def run_queue(order, make_rows, *, num_slots: int, max_depth: int, dim: int, sha
         with lock:
             on_retire(*args)
 
-    per = num_slots // workers
     with ThreadPoolExecutor(workers) as pool:
         futures = [pool.submit(_run_worker, order[w::workers], make_rows, per, max_depth, dim,
                                shared_problem, t0, t1, ts, rtol, atol, gtol, budget,
@@ -476,14 +487,7 @@ def _run_worker(order, make_rows, S, max_depth, dim, shared_problem, t0, t1, ts,
         gids = np.asarray(slots.gid)
         fin = (gids >= 0) & (status != ACTIVE)
         if fin.any():
-            rows_np = {
-                "saves": np.asarray(slots.saves)[fin],
-                "u": np.moveaxis(np.asarray(slots.u), -1, 0)[fin],
-                "xi": np.asarray(slots.xi).T[fin], "t": np.asarray(slots.t)[fin],
-                "steps": np.asarray(slots.steps)[fin], "status": status[fin],
-                "save_i": np.asarray(slots.save_i)[fin],
-            }
-            on_retire(gids[fin], rows_np, work, iters * S)
+            on_retire(gids[fin], host_rows(slots, fin), work, iters * S)
             work, iters = 0, 0
             occupied[fin] = False
             freed[fin] = True
@@ -539,10 +543,4 @@ def run_implicit(rows: dict, gids, depth, problem_rows, *, shared_problem, t1, t
         iters += int(it)
         if not np.any(np.asarray(slots.status) == ACTIVE):
             break
-    out = {
-        "saves": np.asarray(slots.saves)[:n], "u": np.moveaxis(np.asarray(slots.u), -1, 0)[:n],
-        "xi": np.asarray(slots.xi).T[:n], "t": np.asarray(slots.t)[:n],
-        "steps": np.asarray(slots.steps)[:n], "status": np.asarray(slots.status)[:n],
-        "save_i": np.asarray(slots.save_i)[:n],
-    }
-    return out, iters * S
+    return host_rows(slots, slice(0, n)), iters * S

@@ -144,6 +144,9 @@ def test_workers_do_not_change_results():
     three = dd.sweep(p, workers=3, **KW)
     np.testing.assert_array_equal(one.theta, three.theta)
     np.testing.assert_array_equal(one.num_steps, three.num_steps)
+    # fewer grid points than workers: the idle workers are dropped
+    small = {**KW, "depths": [3], "scales": [1.2], "seeds": [1, 0]}
+    np.testing.assert_array_equal(dd.sweep(p, workers=3, **small).theta, one.theta[[7, 6]])
     with pytest.raises(ValueError, match="`workers`"):
         dd.sweep(p, workers=0, **KW)
 
