@@ -138,29 +138,39 @@ def _theta(u):
     return jnp.prod(u, axis=0).T
 
 
+def _slots_at(u, xi, t, steps, save_i, saves, gid, depth, problem_rows, shared_problem, t1,
+              rtol, atol) -> Slots:
+    """Slots holding trajectories at the states `u (S, Lmax, d)`, `xi (S, d)` at times `t`
+    (slot-first inputs): new ones, or ones handed over mid-way. `gid < 0`: empty."""
+    batched = problem_rows is not None
+    problem = problem_rows if batched else shared_problem
+    u = jnp.transpose(u, (1, 2, 0))
+    xi = xi.T
+    max_depth, dim = u.shape[0], u.shape[1]
+    mask = (jnp.arange(max_depth)[:, None] < depth[None, :]).astype(u.dtype)[:, None, :]
+    fu, fxi = _batched_rhs(u, mask, problem, batched)
+    dt = _initial_dt(u, xi, fu, fxi, mask, (depth + 1) * dim, rtol, atol, t1 - t)
+    return Slots(u=u, xi=xi, fu=fu, fxi=fxi, mask=mask, t=t, dt=dt, steps=steps,
+                 save_i=save_i, status=jnp.where(gid >= 0, ACTIVE, EMPTY), saves=saves,
+                 gid=gid, stiff_run=jnp.zeros_like(steps),
+                 problem=problem if batched else None)
+
+
+_slots_at_jit = eqx.filter_jit(_slots_at)
+
+
 @eqx.filter_jit
 def refill(slots: Slots, replace, gid, u0, depth, problem_rows, shared_problem, t0, t1, ts,
            rtol, atol):
     """Put new trajectories into the slots where `replace` (host-built, fixed shapes; `u0` is
     slot-first (S, Lmax, d)). Slots with `replace` and `gid < 0` are emptied."""
-    batched = problem_rows is not None
-    problem = problem_rows if batched else shared_problem
-    max_depth, dim = u0.shape[1], u0.shape[2]
-    u0 = jnp.transpose(u0, (1, 2, 0))
-    mask = (jnp.arange(max_depth)[:, None] < depth[None, :]).astype(u0.dtype)[:, None, :]
-    real = (depth + 1) * dim
-    xi0 = jnp.zeros((dim, u0.shape[-1]), u0.dtype)
-    fu, fxi = _batched_rhs(u0, mask, problem, batched)
-    dt = _initial_dt(u0, xi0, fu, fxi, mask, real, rtol, atol, t1 - t0)
     at_t0 = ts[0] <= t0
-    saves = slots.saves.at[:, 0].set(jnp.where(at_t0, _theta(u0), slots.saves[:, 0]))
-    status = jnp.where(gid >= 0, ACTIVE, EMPTY)
-    new = Slots(
-        u=u0, xi=xi0, fu=fu, fxi=fxi, mask=mask, t=jnp.full_like(dt, t0), dt=dt,
-        steps=jnp.zeros_like(slots.steps), save_i=jnp.where(at_t0, 1, 0) + 0 * slots.save_i,
-        status=status, saves=saves, gid=gid, stiff_run=jnp.zeros_like(slots.stiff_run),
-        problem=problem if batched else None,
-    )
+    theta0 = _theta(jnp.transpose(u0, (1, 2, 0)))
+    saves = slots.saves.at[:, 0].set(jnp.where(at_t0, theta0, slots.saves[:, 0]))
+    new = _slots_at(
+        u0, jnp.zeros(u0.shape[::2], u0.dtype), jnp.full(gid.shape, t0, u0.dtype),
+        jnp.zeros_like(slots.steps), jnp.where(at_t0, 1, 0) + 0 * slots.save_i, saves, gid,
+        depth, problem_rows, shared_problem, t1, rtol, atol)
     return _pick_slots(replace, new, slots)
 
 
@@ -493,24 +503,6 @@ def _run_worker(order, make_rows, S, max_depth, dim, shared_problem, t0, t1, ts,
             freed[fin] = True
 
 
-@eqx.filter_jit
-def _resume_slots(u, xi, t, steps, save_i, saves, gid, depth, problem_rows, shared_problem,
-                  t1, rtol, atol):
-    """Slots holding trajectories handed over mid-way (slot-first inputs)."""
-    batched = problem_rows is not None
-    problem = problem_rows if batched else shared_problem
-    u = jnp.transpose(u, (1, 2, 0))
-    xi = xi.T
-    max_depth, dim = u.shape[0], u.shape[1]
-    mask = (jnp.arange(max_depth)[:, None] < depth[None, :]).astype(u.dtype)[:, None, :]
-    fu, fxi = _batched_rhs(u, mask, problem, batched)
-    dt = _initial_dt(u, xi, fu, fxi, mask, (depth + 1) * dim, rtol, atol, t1 - t)
-    return Slots(u=u, xi=xi, fu=fu, fxi=fxi, mask=mask, t=t, dt=dt, steps=steps,
-                 save_i=save_i, status=jnp.where(gid >= 0, ACTIVE, EMPTY), saves=saves,
-                 gid=gid, stiff_run=jnp.zeros_like(steps),
-                 problem=problem if batched else None)
-
-
 def run_implicit(rows: dict, gids, depth, problem_rows, *, shared_problem, t1, ts, rtol, atol,
                  gtol, budget: int, segment_iters: int = 512, sharding=None):
     """Continue the handed-over trajectories `rows` (numpy, slot-first, as `on_retire`
@@ -532,7 +524,7 @@ def run_implicit(rows: dict, gids, depth, problem_rows, *, shared_problem, t1, t
     if problem_rows is not None:
         problem_rows = jax.tree_util.tree_map(lambda x: pad(x), problem_rows)
     t = pad(rows["t"], float(t1))
-    slots = put_slots(_resume_slots(
+    slots = put_slots(_slots_at_jit(
         u, pad(rows["xi"]), t, pad(rows["steps"]), pad(rows["save_i"]), pad(rows["saves"]),
         g, d, problem_rows, shared_problem, t1, rtol, atol))
     iters = 0
