@@ -216,38 +216,118 @@ assert np.allclose(_KV.b_sol, [*_KV.a_lower[-1], _GAMMA])
 _NEWTON_ITERS = 10
 
 
+def _lower_rows(rows, width):
+    return np.array([list(r) + [0.0] * (width - len(r)) for r in rows], float)
+
+
+# the tableau as arrays over the stages (row i: implicit stage i + 1)
+_KV_A = _lower_rows(_KV.a_lower, 7)
+_KV_PRED = _lower_rows(_KV.a_predictor, 7)
+_KV_B = np.asarray(_KV.b_sol, float)
+_KV_ERR = np.asarray(_KV.b_error, float)
+assert _KV_A.shape == (6, 7) and _KV_B.shape == _KV_ERR.shape == (7,)
+
+
+# blocks up to this size are inverted by Gauss-Jordan on slot-last arrays (elementwise);
+# larger ones by `jnp.linalg.inv`
+_SMALL_INV = 12
+
+
+def _small_inv(a):
+    """Inverses of the matrices `a[:, :, ...]` (the matrix axes first, any batch axes after),
+    by Gauss-Jordan with partial pivoting, one whole-array update per column in a loop
+    (XLA's CPU batched LU is slow for many small matrices; unrolled, this compiles slowly)."""
+    n = a.shape[0]
+    if n > _SMALL_INV:
+        return jnp.moveaxis(jnp.linalg.inv(jnp.moveaxis(a, (0, 1), (-2, -1))), (-2, -1), (0, 1))
+    extra = (1,) * (a.ndim - 2)
+    eye = jnp.broadcast_to(jnp.eye(n, dtype=a.dtype).reshape((n, n) + extra), a.shape)
+    rows = jnp.arange(n).reshape((n,) + extra)
+
+    def column(k, aug):  # (n, 2n, ...)
+        col = jax.lax.dynamic_index_in_dim(aug, k, axis=1, keepdims=False)
+        is_best = rows == jnp.argmax(jnp.where(rows >= k, jnp.abs(col), -1.0), axis=0)
+        pivot = jnp.sum(jnp.where(is_best[:, None], aug, 0.0), axis=0)
+        row_k = jax.lax.dynamic_index_in_dim(aug, k, axis=0, keepdims=True)
+        aug = jnp.where(is_best[:, None], row_k, aug)  # the pivot row takes row k's place
+        pivot = pivot / jax.lax.dynamic_index_in_dim(pivot, k, axis=0, keepdims=False)
+        aug = jnp.where((rows == k)[:, None], pivot[None], aug)
+        factor = jnp.where(rows == k, 0.0, jax.lax.dynamic_index_in_dim(aug, k, axis=1,
+                                                                          keepdims=False))
+        return aug - factor[:, None] * pivot[None]
+
+    aug = jax.lax.fori_loop(0, n, column, jnp.concatenate([a, eye], axis=1))
+    return aug[:, n:]
+
+
+def _hessians(theta, problem, batched):
+    """Hessian of the loss at every slot's theta (S, d) -> (d, d, S)."""
+    hess = jax.vmap(lambda p, t: jax.jacfwd(_gradient(p))(t),
+                    in_axes=(0 if batched else None, 0))
+    return jnp.transpose(hess(problem, theta), (1, 2, 0))
+
+
+def _chord_solver(s: Slots, c, problem, batched):
+    """x -> (I - c J)^-1 x per slot (slot-last (L, d, S)), J the Jacobian of the masked layer
+    vector field at the slot's state, without forming the (L d) x (L d) matrix.
+
+    With e_j = prod_{k != j} u^k, e_jk = prod_{m != j, k} u^m and g, H the gradient and the
+    Hessian of the loss at theta, -J = A + E H E^T, where A couples the layers of one
+    coordinate (A_jk = g e_jk for j != k, a d-fold block diagonal of L x L blocks) and
+    E = [diag(e_1); ...; diag(e_L)]. With P = I + c A and K = E^T P^-1 E (diagonal),
+    (P + c E H E^T)^-1 = P^-1 - P^-1 E (I + c H K)^-1 c H E^T P^-1 (push-through Woodbury,
+    H need not be invertible). Padded layers: rows and columns masked, P = I there."""
+    L, d, S = s.u.shape
+    m = s.mask  # (L, 1, S)
+    excl, theta = _exclusive_products(s.u)
+    e = excl * m
+    g = -s.fxi  # the derivative of xi is -grad L(theta) at the slot's state
+    ones = jnp.ones_like(s.u[0])
+    P = []
+    for j in range(L):
+        pair, _ = _exclusive_products(s.u.at[j].set(ones))  # pair[k] = e_jk for k != j
+        P.append([jnp.where(j == k, ones, c * g * pair[k] * m[j] * m[k]) for k in range(L)])
+    Pinv = _small_inv(jnp.stack([jnp.stack(r) for r in P]))  # (L, L, d, S)
+
+    def p_solve(r):
+        return jnp.stack([sum(Pinv[j, k] * r[k] for k in range(L)) for j in range(L)])
+
+    K = sum(e[j] * p_solve(e)[j] for j in range(L))  # (d, S)
+    cH = c * _hessians(theta.T, problem, batched)  # (d, d, S)
+    M = jnp.eye(d)[:, :, None] + cH * K[None]
+    Q = jnp.einsum("iks,kjs->ijs", _small_inv(M), cH)  # (I + c H K)^-1 c H
+
+    def solve(r):
+        y = p_solve(r)
+        q = jnp.einsum("ijs,js->is", Q, sum(e[j] * y[j] for j in range(L)))
+        return y - p_solve(e * q[None])
+
+    return solve
+
+
 def _kvaerno5_stages(s: Slots, h, problem, batched, rtol, atol):
     """One Kvaerno5 step (diffrax's tableau) of size h: every implicit stage
     z = c + h gamma f(z) is solved by chord iterations with the Jacobian of the layer vector
-    field at the step start (jax.jacfwd, per slot) and one inverse of I - h gamma J per step.
+    field at the step start (`_chord_solver`: its structure, O(L^2 d + d^2) per solve).
     Returns the same as `_tsit5_stages`, with `converged` (False: reject the step)."""
-    L, d, S = s.u.shape
-    N = L * d
-
-    def f_slot(u_flat, mask, prob):
-        fu, _ = _batched_rhs(u_flat.reshape(L, d, 1), mask[..., None], prob, batched)
-        return fu.reshape(N)
-
-    probs_axis = 0 if batched else None
-    probs1 = (jax.tree_util.tree_map(lambda x: x[:, None], problem) if batched else problem)
-    u_rows = jnp.moveaxis(s.u, -1, 0).reshape(S, N)
-    jac = jax.vmap(jax.jacfwd(f_slot), in_axes=(0, -1, probs_axis))(u_rows, s.mask, probs1)
-    # one inverse per step (N = L d is small): each chord iteration is then a matvec
-    inv = jnp.linalg.inv(jnp.eye(N) - (h * _GAMMA)[:, None, None] * jac)
-
-    def solve(r):  # (L, d, S) -> (L, d, S) with (I - h gamma J)^-1 per slot
-        rows = jnp.moveaxis(r, -1, 0).reshape(S, N)
-        x = jnp.einsum("sij,sj->si", inv, rows)
-        return jnp.moveaxis(x.reshape(S, L, d), 0, -1)
+    solve = _chord_solver(s, h * _GAMMA, problem, batched)
 
     scale = atol + rtol * jnp.abs(s.u)
-    ku, kx = [s.fu], [s.fxi]
-    converged = jnp.ones_like(h, bool)
-    for ai, pi in zip(_KV.a_lower, _KV.a_predictor):
-        c = s.u + h * sum(float(a) * k for a, k in zip(ai, ku))
-        z0 = s.u + h * sum(float(a) * k for a, k in zip(pi, ku))
+    n_stages = len(_KV.a_lower) + 1
+    ku = jnp.zeros((n_stages,) + s.u.shape, s.u.dtype).at[0].set(s.fu)
+    kx = jnp.zeros((n_stages,) + s.xi.shape, s.xi.dtype).at[0].set(s.fxi)
 
-        def newton(carry, c=c):
+    def combine(w, k):  # sum_j w_j k_j over the stages (elementwise: fuses)
+        w = jnp.asarray(w, k.dtype)
+        return sum(w[j] * k[j] for j in range(n_stages))
+
+    tab_a, tab_pred = jnp.asarray(_KV_A, s.u.dtype), jnp.asarray(_KV_PRED, s.u.dtype)
+
+    def stage(i, carry):  # the implicit stage i + 1: one traced copy for all of them
+        ku, kx, _, converged = carry
+        c = s.u + h * combine(tab_a[i], ku)
+
+        def newton(carry):
             it, z, last = carry
             fz, _ = _batched_rhs(z, s.mask, problem, batched)
             dz = solve(z - c - h * _GAMMA * fz)
@@ -260,14 +340,16 @@ def _kvaerno5_stages(s: Slots, h, problem, batched, rtol, atol):
             it, _, inc = carry
             return (it < _NEWTON_ITERS) & jnp.any(inc > 1e-3)
 
+        z0 = s.u + h * combine(tab_pred[i], ku)
         _, z, inc = jax.lax.while_loop(more, newton, (0, z0, jnp.full_like(h, jnp.inf)))
-        converged = converged & (inc <= 1e-3)
         fu, fx = _batched_rhs(z, s.mask, problem, batched)
-        ku.append(fu)
-        kx.append(fx)
-    xi1 = s.xi + h * sum(float(b) * k for b, k in zip(_KV.b_sol, kx))
-    eu = h * sum(float(b) * k for b, k in zip(_KV.b_error, ku))
-    ex = h * sum(float(b) * k for b, k in zip(_KV.b_error, kx))
+        return ku.at[i + 1].set(fu), kx.at[i + 1].set(fx), z, converged & (inc <= 1e-3)
+
+    ku, kx, z, converged = jax.lax.fori_loop(
+        0, n_stages - 1, stage, (ku, kx, s.u, jnp.ones_like(h, bool)))
+    xi1 = s.xi + h * combine(_KV_B, kx)  # stiffly accurate: u1 = z, the last stage
+    eu = h * combine(_KV_ERR, ku)
+    ex = h * combine(_KV_ERR, kx)
     return z, xi1, ku[-1], kx[-1], eu, ex, jnp.zeros_like(h), converged
 
 
@@ -321,8 +403,8 @@ def advance(slots: Slots, shared_problem, t1, ts, rtol, atol, gtol, budget, max_
         hit = accept & clipped & (s.save_i < T)
         rows = jnp.arange(s.t.shape[0])
         col = jnp.minimum(s.save_i, T - 1)
-        saves = s.saves.at[rows, col].set(
-            jnp.where(hit[:, None], _theta(u), s.saves[rows, col]))
+        # slots without a save write out of bounds (dropped): no read of the saves
+        saves = s.saves.at[rows, jnp.where(hit, col, T)].set(_theta(u), mode="drop")
         save_i = s.save_i + hit
         steps = s.steps + active
         # stiffness (Hairer's test): accepted steps in a row at the stability boundary
@@ -405,6 +487,22 @@ def host_rows(slots: Slots, sel) -> dict:
     }
 
 
+class _Queue:
+    """Grid indices handed out to the workers in order, under a lock."""
+
+    def __init__(self, order):
+        self.order, self.pos, self.lock = order, 0, threading.Lock()
+
+    def take(self, n: int):
+        with self.lock:
+            out = self.order[self.pos:self.pos + n]
+            self.pos += out.size
+            return out
+
+    def empty(self) -> bool:
+        return self.pos >= self.order.size
+
+
 def run_queue(order, make_rows, *, num_slots: int, max_depth: int, dim: int, shared_problem,
               t0, t1, ts, rtol, atol, gtol, budget: int, on_retire, segment_iters: int = 256,
               tail_slots: int = 2, sharding=None, workers: int = 1, dtype=jnp.float64):
@@ -415,35 +513,38 @@ def run_queue(order, make_rows, *, num_slots: int, max_depth: int, dim: int, sha
     call (calls are serialised).
 
     `workers > 1` splits the slots into that many independent slot arrays, each stepped by
-    its own host thread on a fixed share of `order` (round robin, so the result does not
-    depend on thread timing): XLA runs one small computation on one core, so on a CPU this
-    is how the cores are used. Once a worker's queue is empty, its busy slots move to 4x
-    smaller arrays (down to `tail_slots`) whenever three quarters of them are idle."""
+    its own host thread, all taking their next trajectories from the one queue: XLA runs one
+    small computation on one core, so on a CPU this is how the cores are used. A
+    trajectory's result does not depend on the slot array it runs in (slot arrays hold whole
+    blocks of `SLOT_QUANTUM`), so it does not depend on the thread timing either. Once the
+    queue is empty, a worker's busy slots move to 4x smaller arrays (down to `tail_slots`)
+    whenever three quarters of them are idle."""
     order = np.asarray(order, np.int64)
     per = num_slots // max(1, int(workers))  # slots per worker, before idle workers are dropped
     workers = max(1, min(int(workers), order.size))
+    queue = _Queue(order)
+    placeholder = int(order[0]) if order.size else 0
+    args = (queue, placeholder, make_rows, per, max_depth, dim, shared_problem, t0, t1, ts,
+            rtol, atol, gtol, budget)
+    rest = (segment_iters, tail_slots, sharding, dtype)
     if workers == 1:
-        _run_worker(order, make_rows, per, max_depth, dim, shared_problem, t0, t1, ts,
-                    rtol, atol, gtol, budget, on_retire, segment_iters, tail_slots, sharding,
-                    dtype)
+        _run_worker(*args, on_retire, *rest)
         return
     lock = threading.Lock()
 
-    def serialised(*args):
+    def serialised(*a):
         with lock:
-            on_retire(*args)
+            on_retire(*a)
 
     with ThreadPoolExecutor(workers) as pool:
-        futures = [pool.submit(_run_worker, order[w::workers], make_rows, per, max_depth, dim,
-                               shared_problem, t0, t1, ts, rtol, atol, gtol, budget,
-                               serialised, segment_iters, tail_slots, sharding, dtype)
-                   for w in range(workers)]
+        futures = [pool.submit(_run_worker, *args, serialised, *rest) for _ in range(workers)]
         for f in futures:
             f.result()
 
 
-def _run_worker(order, make_rows, S, max_depth, dim, shared_problem, t0, t1, ts, rtol, atol,
-                gtol, budget, on_retire, segment_iters, tail_slots, sharding, dtype):
+def _run_worker(queue, placeholder, make_rows, S, max_depth, dim, shared_problem, t0, t1, ts,
+                rtol, atol, gtol, budget, on_retire, segment_iters, tail_slots, sharding,
+                dtype):
     T = ts.shape[0]
     put, put_slots = _placer(sharding)
     n_dev = 1 if sharding is None else sharding.mesh.size
@@ -451,32 +552,33 @@ def _run_worker(order, make_rows, S, max_depth, dim, shared_problem, t0, t1, ts,
     if S % q:
         raise ValueError(f"slot arrays must hold a multiple of {q} slots, got {S}.")
     tail_slots = -(-max(tail_slots, q) // q) * q
-    placeholder = int(order[0]) if order.size else 0
     _, _, rows0 = make_rows(jnp.full((S,), placeholder))
     slots = put_slots(empty_slots(S, max_depth, dim, T, dtype, rows0))
     occupied = np.zeros(S, bool)
-    freed = np.ones(S, bool)
-    pos, work, iters = 0, 0, 0
+    gid_host = np.full(S, -1, np.int64)
+    work, iters = 0, 0
     while True:
         free_idx = np.flatnonzero(~occupied)
-        n_new = min(free_idx.size, order.size - pos)
-        if freed.any() or n_new:
+        new = queue.take(free_idx.size)
+        if new.size:
+            # finished slots not refilled keep their status (not stepped) and are skipped
+            # below: a refill is only needed for new trajectories
             gid = np.full(S, -1, np.int64)
-            take = free_idx[:n_new]
-            gid[take] = order[pos:pos + n_new]
-            pos += n_new
-            replace = freed.copy()
+            take = free_idx[:new.size]
+            gid[take] = new
+            replace = np.zeros(S, bool)
             replace[take] = True
-            u0, depth, rows = make_rows(jnp.asarray(np.where(gid >= 0, gid, placeholder)))
+            u0, depth, rows = make_rows(np.where(gid >= 0, gid, placeholder))
             slots = refill(slots, put(jnp.asarray(replace)), put(jnp.asarray(gid, jnp.int32)),
                            put(u0), put(depth), put(rows), shared_problem, t0, t1, ts, rtol,
                            atol)
             occupied[take] = True
-            freed[:] = False
+            gid_host[take] = new
         if not occupied.any():
             break
         small = max(tail_slots, -(-(S // 4) // q) * q)
-        if pos == order.size and small < S and occupied.sum() <= S // 4:
+        drained = queue.empty()
+        if drained and small < S and occupied.sum() <= S // 4:
             # The queue is empty and a quarter of the slots are busy (long, often stiff
             # trajectories): move them to a 4x smaller slot array, whose iterations are
             # cheaper. Down to `tail_slots`.
@@ -484,23 +586,23 @@ def _run_worker(order, make_rows, S, max_depth, dim, shared_problem, t0, t1, ts,
             spare = np.flatnonzero(~occupied)[: small - keep.size]
             idx = np.concatenate([keep, spare])
             slots = put_slots(_gather(slots, jnp.asarray(idx)))
-            occupied, freed = occupied[idx], freed[idx]
+            occupied, gid_host = occupied[idx], gid_host[idx]
             S = small
             continue
-        retire_at = max(1, S // 8) if pos < order.size else S + 1
+        # `advance` counts every finished slot, also those already reported
+        reported = int(np.sum((gid_host >= 0) & ~occupied))
+        retire_at = reported + (max(1, S // 8) if not drained else S + 1)
         it, w, slots = advance(slots, shared_problem, t1, ts, rtol, atol, gtol,
                                jnp.asarray(budget), jnp.asarray(segment_iters),
                                jnp.asarray(retire_at))
         iters += int(it)
         work += int(w)
         status = np.asarray(slots.status)
-        gids = np.asarray(slots.gid)
-        fin = (gids >= 0) & (status != ACTIVE)
+        fin = occupied & (status != ACTIVE)
         if fin.any():
-            on_retire(gids[fin], host_rows(slots, fin), work, iters * S)
+            on_retire(np.asarray(slots.gid)[fin], host_rows(slots, fin), work, iters * S)
             work, iters = 0, 0
             occupied[fin] = False
-            freed[fin] = True
 
 
 def run_implicit(rows: dict, gids, depth, problem_rows, *, shared_problem, t1, ts, rtol, atol,
