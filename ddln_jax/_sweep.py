@@ -226,9 +226,18 @@ def sweep(
     shared = None if batched_problem else as_problem(problem)
     gd, gs, gr = (jnp.asarray(g_depth), jnp.asarray(g_scale), jnp.asarray(g_seed))
 
+    block = slots // workers
+
     def make_rows(gids):
-        return _make_rows(gids, gd, gs, gr, key, max_depth, dim, init,
-                          problem if batched_problem else None)
+        # in blocks of one size whatever the number of rows asked for: one compilation
+        # (drawing the inits compiles slowly, ~1 s per shape)
+        gids = np.asarray(gids)
+        n = gids.size
+        padded = np.concatenate([gids, np.full((-n) % block, gids[0] if n else 0)])
+        parts = [_make_rows(jnp.asarray(padded[i:i + block]), gd, gs, gr, key, max_depth, dim,
+                            init, problem if batched_problem else None)
+                 for i in range(0, padded.size, block)]
+        return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs)[:n], *parts)
 
     def queue(order, rt, at, save_ts, budget, on_retire, num_slots):
         return run_queue(order, make_rows, num_slots=num_slots, max_depth=max_depth, dim=dim,
