@@ -605,36 +605,74 @@ def _run_worker(queue, placeholder, make_rows, S, max_depth, dim, shared_problem
             occupied[fin] = False
 
 
+@eqx.filter_jit
+def _refill_states(slots: Slots, replace, u, xi, t, steps, save_i, saves, gid, depth,
+                   problem_rows, shared_problem, t1, rtol, atol):
+    """Put handed-over trajectories (slot-first states) into the slots where `replace`."""
+    new = _slots_at(u, xi, t, steps, save_i, saves, gid, depth, problem_rows, shared_problem,
+                    t1, rtol, atol)
+    return _pick_slots(replace, new, slots)
+
+
 def run_implicit(rows: dict, gids, depth, problem_rows, *, shared_problem, t1, ts, rtol, atol,
-                 gtol, budget: int, segment_iters: int = 512, sharding=None):
+                 gtol, budget: int, on_retire, num_slots: int = 16, segment_iters: int = 256,
+                 sharding=None):
     """Continue the handed-over trajectories `rows` (numpy, slot-first, as `on_retire`
-    gives them) with Kvaerno5 in one slot array, every slot with its own step size, until
-    all are finished. Returns the finished rows and the slot-iterations spent."""
+    gives them) with Kvaerno5, every slot with its own step size, in one array of
+    `num_slots` slots (per device; one compilation whatever the number of trajectories)
+    refilled as trajectories finish. `on_retire` as for `run_queue`."""
     n = len(gids)
     n_dev = 1 if sharding is None else sharding.mesh.size
     q = SLOT_QUANTUM * n_dev
-    S = -(-n // q) * q
+    S = -(-num_slots * n_dev // q) * q
     put, put_slots = _placer(sharding)
-
-    def pad(x, fill=0):
-        x = np.asarray(x)
-        return jnp.asarray(np.concatenate([x, np.full((S - n,) + x.shape[1:], fill, x.dtype)]))
-
-    u = pad(rows["u"], 1)
-    g = pad(np.asarray(gids, np.int32), -1)
-    d = pad(depth, 1)
+    dim, T = rows["u"].shape[-1], ts.shape[0]
+    depth = np.asarray(depth)
     if problem_rows is not None:
-        problem_rows = jax.tree_util.tree_map(lambda x: pad(x), problem_rows)
-    t = pad(rows["t"], float(t1))
-    slots = put_slots(_slots_at_jit(
-        u, pad(rows["xi"]), t, pad(rows["steps"]), pad(rows["save_i"]), pad(rows["saves"]),
-        g, d, problem_rows, shared_problem, t1, rtol, atol))
-    iters = 0
+        problem_rows = jax.tree_util.tree_map(np.asarray, problem_rows)
+
+    def members(idx):  # the rows of members `idx` (-1: a placeholder), as slot arrays
+        take = np.where(idx >= 0, idx, 0)
+        sel = {k: v[take] for k, v in rows.items()}
+        probs = (None if problem_rows is None else
+                 jax.tree_util.tree_map(lambda x: put(jnp.asarray(x[take])), problem_rows))
+        return sel, probs
+
+    _, probs0 = members(np.full(S, -1))
+    slots = put_slots(empty_slots(S, rows["u"].shape[1], dim, T, rows["u"].dtype, probs0))
+    gids = np.asarray(gids)
+    member = np.full(S, -1)  # the member in each slot
+    occupied = np.zeros(S, bool)
+    pos, work, iters = 0, 0, 0
     while True:
-        it, _, slots = advance(slots, shared_problem, t1, ts, rtol, atol, gtol,
-                               jnp.asarray(budget), jnp.asarray(segment_iters),
-                               jnp.asarray(S + 1), method="kvaerno5")
-        iters += int(it)
-        if not np.any(np.asarray(slots.status) == ACTIVE):
+        free = np.flatnonzero(~occupied)[: n - pos]
+        if free.size:
+            idx = np.full(S, -1)
+            idx[free] = np.arange(pos, pos + free.size)
+            pos += free.size
+            sel, probs = members(idx)
+            replace = idx >= 0
+            gid = np.where(replace, gids[np.where(replace, idx, 0)], -1)
+            slots = _refill_states(
+                slots, put(jnp.asarray(replace)), put(jnp.asarray(sel["u"])),
+                put(jnp.asarray(sel["xi"])), put(jnp.asarray(sel["t"])),
+                put(jnp.asarray(sel["steps"])), put(jnp.asarray(sel["save_i"])),
+                put(jnp.asarray(sel["saves"])), put(jnp.asarray(gid, jnp.int32)),
+                put(jnp.asarray(depth[np.where(replace, idx, 0)])), probs, shared_problem,
+                t1, rtol, atol)
+            member[free] = idx[free]
+            occupied[free] = True
+        if not occupied.any():
             break
-    return host_rows(slots, slice(0, n)), iters * S
+        reported = int(np.sum((member >= 0) & ~occupied))
+        retire_at = reported + (max(1, S // 8) if pos < n else S + 1)
+        it, w, slots = advance(slots, shared_problem, t1, ts, rtol, atol, gtol,
+                               jnp.asarray(budget), jnp.asarray(segment_iters),
+                               jnp.asarray(retire_at), method="kvaerno5")
+        iters += int(it)
+        work += int(w)
+        fin = occupied & (np.asarray(slots.status) != ACTIVE)
+        if fin.any():
+            on_retire(gids[member[fin]], host_rows(slots, fin), work, iters * S)
+            work, iters = 0, 0
+            occupied[fin] = False

@@ -69,7 +69,9 @@ class SweepResult(eqx.Module):
     `theta_final (B, dim)`, `num_steps, ok, result, t_final (B,)`, `implicit (B,)` (finished
     with Kvaerno5), `sigma (B,)` (eq 13), `rate (B,)` (empirical exponential rate,
     least squares only), `theorem2_rate (B,)` (2 sigma mu), `layers0 (B, max_depth, dim)`
-    (padded with ones), `chunk (B,)`. `efficiency`: lockstep efficiency per chunk.
+    (padded with ones), `chunk (B,)`. `efficiency`: lockstep efficiency (slot-steps / slot-
+    iterations) of the work done for each chunk; `overall_efficiency`: the same over the
+    whole grid (a resumed sweep: over the work it did, the earlier runs' as recorded).
     """
 
     depth: np.ndarray
@@ -90,6 +92,7 @@ class SweepResult(eqx.Module):
     layers0: np.ndarray
     chunk: np.ndarray
     efficiency: np.ndarray
+    overall_efficiency: float
 
     def to_dict(self) -> dict:
         return {f: getattr(self, f) for f in self.__dataclass_fields__}
@@ -319,6 +322,8 @@ def sweep(
         # lockstep efficiency of the slot-iterations since the last chunk was written
         if pending["iters"]:
             pending["eff"] = pending["work"] / pending["iters"]
+        # the slot-steps and slot-iterations go with the first chunk written now
+        spent = [pending["work"], pending["iters"]]
         pending["work"] = pending["iters"] = 0
         rows = {k: np.concatenate([r[k] for r in pending["rows"]]) for k in pending["rows"][0]}
         while count >= chunk or (force and count):
@@ -327,7 +332,9 @@ def sweep(
             n = len(take["index"])
             count -= n
             part = dict(take, chunk=np.full(n, next_chunk),
-                        efficiency=np.full(n, pending["eff"]))
+                        efficiency=np.full(n, pending["eff"]), work=np.full(n, spent[0]),
+                        slot_iters=np.full(n, spent[1]))
+            spent = [0, 0]
             if outdir is not None:
                 _save_chunk(outdir / f"chunk_{next_chunk:05d}.npz", part)
             parts.append(part)
@@ -348,20 +355,27 @@ def sweep(
 
     queue(order[~done[order]], rtol, atol, ts, explicit_max_steps, retire, slots)
     # stiff members (and any that exhausted the explicit budget or failed): Kvaerno5 from
-    # where the explicit stepper stopped, every slot with its own step size
-    # (not in worker threads: XLA's CPU runtime can deadlock when concurrent executions
-    # wait on its intra-op thread pool, which the implicit step's linear algebra uses)
-    stiff.sort(key=lambda item: item[0])  # groups independent of the retirement order
-    group_size = 64 * n_dev
-    for start in range(0, len(stiff), group_size):
-        group = stiff[start:start + group_size]
-        rows, work, slot_iters = _implicit_rows(
-            group, make_rows, problem, batched_problem, t1, ts, rtol, atol, max_steps, gtol,
-            sharding if n_dev > 1 else None)
-        pending["rows"].append(rows)
-        pending["work"] += work
-        pending["iters"] += slot_iters
-        bar.update(len(group))
+    # where the explicit stepper stopped, every slot with its own step size, slots refilled
+    # as they finish (not in worker threads: XLA's CPU runtime deadlocked with two
+    # concurrent implicit runs)
+    if stiff:
+        stiff.sort(key=lambda item: item[0])  # an order independent of the retirements
+        s_gids = np.array([g for g, _ in stiff])
+        s_rows = {k: np.stack([r[k] for _, r in stiff]) for k in stiff[0][1]}
+        _, s_depth, s_probs = make_rows(s_gids)
+
+        def implicit_retire(gids, rows, work, slot_iters):
+            pending["rows"].append(_implicit_finish(gids, rows, tsn, t1))
+            pending["work"] += work
+            pending["iters"] += slot_iters
+            bar.update(len(gids))
+            flush()
+
+        run_implicit(s_rows, s_gids, np.asarray(s_depth),
+                     s_probs if batched_problem else None,
+                     shared_problem=shared, t1=t1, ts=ts, rtol=jnp.asarray(rtol, float),
+                     atol=jnp.asarray(atol, float), gtol=gtol, budget=max_steps,
+                     on_retire=implicit_retire, sharding=sharding if n_dev > 1 else None)
     flush(force=True)
     bar.close()
 
@@ -383,13 +397,15 @@ def sweep(
             if live.sum() >= 2:
                 rate[b] = empirical_rate(tsn[live], sub[b][live])
     chunks = np.unique(m["chunk"])
-    eff = np.array([m["efficiency"][m["chunk"] == c][0] for c in chunks])
+    first = [np.flatnonzero(m["chunk"] == c)[0] for c in chunks]
+    eff = m["efficiency"][first]
+    overall = float(m["work"][first].sum() / max(m["slot_iters"][first].sum(), 1))
     return SweepResult(
         depth=g_depth, scale=g_scale, seed=g_seed, ts=tsn, theta=theta, loss=loss,
         theta_final=theta[:, -1], num_steps=m["num_steps"], ok=m["ok"].astype(bool),
         result=m["result"], t_final=m["t_final"], implicit=m["implicit"].astype(bool),
         sigma=sig, rate=rate, theorem2_rate=thm, layers0=u0_all, chunk=m["chunk"],
-        efficiency=eff,
+        efficiency=eff, overall_efficiency=overall,
     )
 
 
@@ -438,24 +454,15 @@ def _finish_rows(gids, rows, tsn, t1):
                 implicit=np.zeros(len(gids), bool))
 
 
-def _implicit_rows(group, make_rows, problem, batched, t1, ts, rtol, atol, budget, gtol,
-                   sharding):
-    """Kvaerno5 (batched, `_stepper.run_implicit`) from where the explicit stepper stopped."""
-    gids = np.array([g for g, _ in group])
-    rows = {k: np.stack([r[k] for _, r in group]) for k in group[0][1]}
-    _, depth, probs = make_rows(jnp.asarray(gids))
-    out, slot_iters = run_implicit(
-        rows, gids, np.asarray(depth), probs if batched else None,
-        shared_problem=None if batched else as_problem(problem), t1=t1, ts=ts,
-        rtol=jnp.asarray(rtol, float), atol=jnp.asarray(atol, float), gtol=gtol,
-        budget=budget, sharding=sharding)
+def _implicit_finish(gids, out, ts, t1):
+    """Result rows of trajectories finished by Kvaerno5 (`_stepper.run_implicit`)."""
     ok = (out["status"] == DONE) | (out["status"] == CONVERGED)
     res = _finish_rows(gids, out, np.asarray(ts), t1)
     res["ok"] = ok
     res["result"] = np.where(ok, res["result"], int(dfx.RESULTS.max_steps_reached._value))
     res["t_final"] = np.where(ok, res["t_final"], out["t"])
     res["implicit"] = np.ones(len(gids), bool)
-    return res, int(out["steps"].sum() - rows["steps"].sum()), slot_iters
+    return res
 
 
 def _problem_fingerprint(problem, batched, seeds):

@@ -131,6 +131,7 @@ def main(*, quick: bool = False, out="results/bench") -> dict:
             "sweep_traj_per_s": B / sweep_s,
             "sweep_steps_per_s": own / sweep_s,
             "sweep_efficiency": [float(e) for e in res.efficiency],
+            "sweep_overall_efficiency": float(res.overall_efficiency),
             "sweep_all_ok": bool(res.ok.all()),
             "sweep_implicit": int(res.implicit.sum()),
             "sweep_max_steps": int(res.num_steps.max()),
@@ -146,6 +147,7 @@ def main(*, quick: bool = False, out="results/bench") -> dict:
         report["rows"].append(row)
         print(f"B={B:5d}: sweep {row['sweep_traj_per_s']:.1f} traj/s "
               f"({row['sweep_steps_per_s']:.3g} steps/s, efficiency "
+              f"{row['sweep_overall_efficiency']:.2f} over the grid, per chunk "
               f"{min(row['sweep_efficiency']):.2f}-{max(row['sweep_efficiency']):.2f}, "
               f"{row['sweep_implicit']} implicit, all ok {row['sweep_all_ok']}); vmap(B={Bv}) "
               f"{row['vmap_traj_per_s']:.1f} traj/s (eff {row['vmap_efficiency']:.2f}); loop "

@@ -58,7 +58,7 @@ def main(*, quick: bool = False, out="results/sweep", depths=None, scales=None, 
         "depths": list(depths), "scales": list(scales), "seeds": seeds,
         "median_time": median, "fraction_converged": frac,
         "all_ok": bool(res.ok.all()), "implicit": int(res.implicit.sum()),
-        "lockstep_efficiency": res.efficiency,
+        "lockstep_efficiency": res.efficiency, "overall_efficiency": res.overall_efficiency,
     }
     files.append(save_json(out, "sweep", summary))
     summary["files"] = files

@@ -40,6 +40,8 @@ def test_grid_points_equal_individual_solves():
         L = int(res.depth[b])
         np.testing.assert_allclose(res.sigma[b], dd.sigma(res.layers0[b][:L]), rtol=1e-12)
     assert np.all(res.efficiency > 0) and np.all(res.efficiency <= 1)
+    # over the grid: a weighted mean of the chunks' efficiencies
+    assert res.efficiency.min() <= res.overall_efficiency <= res.efficiency.max()
 
 
 def test_same_key_same_result_and_init_independent_of_grid():
