@@ -4,16 +4,18 @@
   its own adaptive Tsit5 step in a fused `lax.while_loop`; finished trajectories are retired
   and their slots refilled with the next grid points, so a batch never waits for its slowest
   member. Once the queue is empty the busy slots move to 4x smaller arrays. Lockstep
-  efficiency (own steps / slot-iterations) is reported per chunk.
-- On a CPU, one slot array per core, each stepped by its own host thread (`workers`): XLA
-  runs one small computation on one core.
+  efficiency (own steps / slot-iterations) is reported per chunk and over the grid.
+- On a CPU, one slot array per core plus one, each stepped by its own host thread
+  (`workers`), all taking grid points from one queue: XLA runs one small computation on one
+  core.
 - Different depths share one compilation: layers are padded to the largest depth with frozen
   unit layers (theta is unchanged) and the derivative and the error norm are restricted to the
   real layers, so a padded trajectory takes the steps of an unpadded one.
 - Stiffness-aware: converged trajectories stop (steady state ||grad L||_inf <= gtol); a
   member whose explicit step stays at the stability boundary (Hairer's stiffness test) while
   much of the interval is left, or that exhausts the explicit step budget, continues from
-  where it stopped with Kvaerno5 (diffrax's tableau) in the same slot framework.
+  where it stopped with Kvaerno5 (diffrax's tableau) in the same slot framework (a 16-slot
+  array refilled as members finish; chord Newton with the Jacobian's structure).
 - Finished trajectories are written to `out` in chunks, atomically; a rerun resumes.
 - The slot axis is sharded over all visible devices (1-D mesh, `NamedSharding`).
 """
@@ -162,14 +164,14 @@ def sweep(
     - `max_slots`: most trajectories stepped at once (sharded over devices). Default: 128
         per worker on a CPU (the cost per slot-step is lowest while a slot array fits the
         core's cache), 16384 on an accelerator.
-    - `workers`: independent slot arrays stepped by as many host threads, each on a fixed
-        share of the grid (the result does not depend on it). Default: one per CPU core plus
+    - `workers`: independent slot arrays stepped by as many host threads, all taking grid
+        points from one queue (the result does not depend on it). Default: one per CPU core plus
         one when running on a single CPU device (XLA steps one small computation on one
         core), else 1 (the slot axis is sharded over the devices instead).
     - `max_chunk`: trajectories per chunk file (the unit of resume).
     - `explicit_max_steps`: Tsit5 step budget per trajectory. Stiff members (Hairer's test)
         and those that exhaust it continue with Kvaerno5 from where they stopped (up to
-        `max_steps` in all).
+        `max_steps` in all), in a 16-slot array (per device) refilled as they finish.
     - `pilot`: first estimate every trajectory's cost with a loose-tolerance run and queue
         the longest first (fewer slots idle at the end; costs an extra ~half run).
     - `progress`: a progress bar over trajectories.
