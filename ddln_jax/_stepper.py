@@ -156,9 +156,6 @@ def _slots_at(u, xi, t, steps, save_i, saves, gid, depth, problem_rows, shared_p
                  problem=problem if batched else None)
 
 
-_slots_at_jit = eqx.filter_jit(_slots_at)
-
-
 @eqx.filter_jit
 def refill(slots: Slots, replace, gid, u0, depth, problem_rows, shared_problem, t0, t1, ts,
            rtol, atol):

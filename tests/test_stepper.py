@@ -43,8 +43,9 @@ def test_chord_solve_equals_dense_jacobian_solve(loss):
                                       False)
         return fu.reshape(L * d)
 
+    jac = jax.jit(jax.jacfwd(field))
     for i in range(S):
-        J = jax.jacfwd(field)(slots.u[..., i].reshape(-1), slots.mask[..., i])
+        J = jac(slots.u[..., i].reshape(-1), slots.mask[..., i])
         dense = np.linalg.solve(np.eye(L * d) - float(c[i]) * np.asarray(J),
                                 np.asarray(r[..., i]).reshape(-1))
         np.testing.assert_allclose(np.asarray(x[..., i]).reshape(-1), dense,
