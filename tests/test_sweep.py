@@ -139,7 +139,7 @@ def test_stiffness_detection_hands_over_early(per_seed):
 
 
 def test_workers_do_not_change_results():
-    # each worker thread steps a fixed share of the grid; slot arrays hold whole blocks of
+    # the worker threads take grid points from one queue; slot arrays hold whole blocks of
     # SLOT_QUANTUM slots, so a trajectory's bits do not depend on where it ran
     p = _problem()
     one = dd.sweep(p, workers=1, **KW)
@@ -178,6 +178,15 @@ def test_bad_arguments():
         dd.sweep(p, rtol=0.0, **KW)
 
 
+# a grid with stiff members (see the stiffness test), as plain Python values
+_STIFF_ARGS = dict(depths=[3], scales=[2.2], seeds=[0, 1, 2, 3], t1=1000.0,
+                   stop_when_converged=1e-9, max_chunk=4, progress=False)
+
+
+def _stiff_kwargs():
+    return {**_STIFF_ARGS, "ts": jnp.linspace(0.0, 1000.0, 11)}
+
+
 @pytest.mark.slow
 def test_sharded_four_host_devices_equals_single(tmp_path):
     script = textwrap.dedent(
@@ -191,8 +200,11 @@ def test_sharded_four_host_devices_equals_single(tmp_path):
         p = dd.LeastSquares(jr.normal(jr.key(1), (8, 4)), jr.normal(jr.key(2), (8,)))
         res = dd.sweep(p, depths=[2, 3, 5], scales=[0.6, 1.2], seeds=[0, 1], t1=10.0,
                        ts=jnp.linspace(0.0, 10.0, 11), max_chunk=4, progress=False)
-        np.savez(sys.argv[1], theta=res.theta, num_steps=res.num_steps)
-        """
+        # stiff members: the Kvaerno5 phase on the sharded slot axis too
+        stiff = dd.sweep(p, ts=jnp.linspace(0.0, 1000.0, 11), **STIFF)
+        np.savez(sys.argv[1], theta=res.theta, num_steps=res.num_steps,
+                 stiff_theta=stiff.theta, stiff_implicit=stiff.implicit)
+        """.replace("**STIFF", "**" + repr(_STIFF_ARGS))
     )
     path = tmp_path / "sharded.npz"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
@@ -204,6 +216,10 @@ def test_sharded_four_host_devices_equals_single(tmp_path):
     # seen 2e-11 relative, amplified from 1e-16 through the adaptive solve)
     np.testing.assert_allclose(sharded["theta"], single.theta, rtol=1e-9, atol=1e-11)
     np.testing.assert_array_equal(sharded["num_steps"], single.num_steps)
+    stiff = dd.sweep(_problem(), **_stiff_kwargs())
+    assert stiff.implicit.any()
+    np.testing.assert_array_equal(sharded["stiff_implicit"], stiff.implicit)
+    np.testing.assert_allclose(sharded["stiff_theta"], stiff.theta, rtol=1e-8, atol=1e-10)
 
 
 def test_to_dataframe():
