@@ -305,7 +305,11 @@ def sweep(
     if outdir is not None:
         for path in sorted(outdir.glob("chunk_[0-9][0-9][0-9][0-9][0-9].npz")):
             with np.load(path) as f:
-                parts.append(dict(f))
+                part = dict(f)
+                # chunks written before the work was recorded: none known
+                for k in ("work", "slot_iters"):
+                    part.setdefault(k, np.zeros(len(part["index"]), int))
+                parts.append(part)
     done = np.zeros(B, bool)
     for p in parts:
         done[p["index"]] = True
@@ -401,7 +405,8 @@ def sweep(
     chunks = np.unique(m["chunk"])
     first = [np.flatnonzero(m["chunk"] == c)[0] for c in chunks]
     eff = m["efficiency"][first]
-    overall = float(m["work"][first].sum() / max(m["slot_iters"][first].sum(), 1))
+    spent = m["slot_iters"][first].sum()
+    overall = float(m["work"][first].sum() / spent) if spent else float("nan")
     return SweepResult(
         depth=g_depth, scale=g_scale, seed=g_seed, ts=tsn, theta=theta, loss=loss,
         theta_final=theta[:, -1], num_steps=m["num_steps"], ok=m["ok"].astype(bool),
