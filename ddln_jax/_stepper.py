@@ -544,13 +544,39 @@ def _run_worker(queue, placeholder, make_rows, S, max_depth, dim, shared_problem
                 dtype):
     T = ts.shape[0]
     put, put_slots = _placer(sharding)
+    _, _, rows0 = make_rows(jnp.full((S,), placeholder))
+    slots = put_slots(empty_slots(S, max_depth, dim, T, dtype, rows0))
+
+    def fill(slots, place, new):  # new trajectories from t0
+        S = slots.t.shape[0]
+        gid = np.full(S, -1, np.int64)
+        gid[place] = new
+        replace = np.zeros(S, bool)
+        replace[place] = True
+        u0, depth, rows = make_rows(np.where(gid >= 0, gid, placeholder))
+        slots = refill(slots, put(jnp.asarray(replace)), put(jnp.asarray(gid, jnp.int32)),
+                       put(u0), put(depth), put(rows), shared_problem, t0, t1, ts, rtol, atol)
+        return slots, new
+
+    def step(slots, retire_at):
+        return advance(slots, shared_problem, t1, ts, rtol, atol, gtol, jnp.asarray(budget),
+                       jnp.asarray(segment_iters), jnp.asarray(retire_at))
+
+    _drive(slots, queue, fill, step, on_retire, tail_slots, sharding)
+
+
+def _drive(slots: Slots, queue: "_Queue", fill, step, on_retire, tail_slots: int, sharding):
+    """Step `slots` until `queue` is empty and every slot finished: free slots take the next
+    items of `queue` (`fill(slots, place, items) -> (slots, grid indices)`), `step(slots,
+    retire_at)` runs `advance`, finished slots go to `on_retire`. Once the queue is empty,
+    busy slots move to 4x smaller arrays (down to `tail_slots`) when 3/4 of them are idle."""
+    put_slots = _placer(sharding)[1]
     n_dev = 1 if sharding is None else sharding.mesh.size
     q = SLOT_QUANTUM * n_dev
+    S = slots.t.shape[0]
     if S % q:
         raise ValueError(f"slot arrays must hold a multiple of {q} slots, got {S}.")
     tail_slots = -(-max(tail_slots, q) // q) * q
-    _, _, rows0 = make_rows(jnp.full((S,), placeholder))
-    slots = put_slots(empty_slots(S, max_depth, dim, T, dtype, rows0))
     occupied = np.zeros(S, bool)
     gid_host = np.full(S, -1, np.int64)
     work, iters = 0, 0
@@ -560,17 +586,10 @@ def _run_worker(queue, placeholder, make_rows, S, max_depth, dim, shared_problem
         if new.size:
             # finished slots not refilled keep their status (not stepped) and are skipped
             # below: a refill is only needed for new trajectories
-            gid = np.full(S, -1, np.int64)
-            take = free_idx[:new.size]
-            gid[take] = new
-            replace = np.zeros(S, bool)
-            replace[take] = True
-            u0, depth, rows = make_rows(np.where(gid >= 0, gid, placeholder))
-            slots = refill(slots, put(jnp.asarray(replace)), put(jnp.asarray(gid, jnp.int32)),
-                           put(u0), put(depth), put(rows), shared_problem, t0, t1, ts, rtol,
-                           atol)
-            occupied[take] = True
-            gid_host[take] = new
+            place = free_idx[:new.size]
+            slots, gids = fill(slots, place, new)
+            occupied[place] = True
+            gid_host[place] = gids
         if not occupied.any():
             break
         small = max(tail_slots, -(-(S // 4) // q) * q)
@@ -588,16 +607,12 @@ def _run_worker(queue, placeholder, make_rows, S, max_depth, dim, shared_problem
             continue
         # `advance` counts every finished slot, also those already reported
         reported = int(np.sum((gid_host >= 0) & ~occupied))
-        retire_at = reported + (max(1, S // 8) if not drained else S + 1)
-        it, w, slots = advance(slots, shared_problem, t1, ts, rtol, atol, gtol,
-                               jnp.asarray(budget), jnp.asarray(segment_iters),
-                               jnp.asarray(retire_at))
+        it, w, slots = step(slots, reported + (max(1, S // 8) if not drained else S + 1))
         iters += int(it)
         work += int(w)
-        status = np.asarray(slots.status)
-        fin = occupied & (status != ACTIVE)
+        fin = occupied & (np.asarray(slots.status) != ACTIVE)
         if fin.any():
-            on_retire(np.asarray(slots.gid)[fin], host_rows(slots, fin), work, iters * S)
+            on_retire(gid_host[fin], host_rows(slots, fin), work, iters * S)
             work, iters = 0, 0
             occupied[fin] = False
 
@@ -618,58 +633,37 @@ def run_implicit(rows: dict, gids, depth, problem_rows, *, shared_problem, t1, t
     gives them) with Kvaerno5, every slot with its own step size, in one array of
     `num_slots` slots (per device; one compilation whatever the number of trajectories)
     refilled as trajectories finish. `on_retire` as for `run_queue`."""
-    n = len(gids)
     n_dev = 1 if sharding is None else sharding.mesh.size
     q = SLOT_QUANTUM * n_dev
     S = -(-num_slots * n_dev // q) * q
     put, put_slots = _placer(sharding)
     dim, T = rows["u"].shape[-1], ts.shape[0]
-    depth = np.asarray(depth)
+    gids, depth = np.asarray(gids), np.asarray(depth)
     if problem_rows is not None:
         problem_rows = jax.tree_util.tree_map(np.asarray, problem_rows)
 
-    def members(idx):  # the rows of members `idx` (-1: a placeholder), as slot arrays
-        take = np.where(idx >= 0, idx, 0)
-        sel = {k: v[take] for k, v in rows.items()}
-        probs = (None if problem_rows is None else
-                 jax.tree_util.tree_map(lambda x: put(jnp.asarray(x[take])), problem_rows))
-        return sel, probs
+    def problems(take):
+        return (None if problem_rows is None else
+                jax.tree_util.tree_map(lambda x: put(jnp.asarray(x[take])), problem_rows))
 
-    _, probs0 = members(np.full(S, -1))
-    slots = put_slots(empty_slots(S, rows["u"].shape[1], dim, T, rows["u"].dtype, probs0))
-    gids = np.asarray(gids)
-    member = np.full(S, -1)  # the member in each slot
-    occupied = np.zeros(S, bool)
-    pos, work, iters = 0, 0, 0
-    while True:
-        free = np.flatnonzero(~occupied)[: n - pos]
-        if free.size:
-            idx = np.full(S, -1)
-            idx[free] = np.arange(pos, pos + free.size)
-            pos += free.size
-            sel, probs = members(idx)
-            replace = idx >= 0
-            gid = np.where(replace, gids[np.where(replace, idx, 0)], -1)
-            slots = _refill_states(
-                slots, put(jnp.asarray(replace)), put(jnp.asarray(sel["u"])),
-                put(jnp.asarray(sel["xi"])), put(jnp.asarray(sel["t"])),
-                put(jnp.asarray(sel["steps"])), put(jnp.asarray(sel["save_i"])),
-                put(jnp.asarray(sel["saves"])), put(jnp.asarray(gid, jnp.int32)),
-                put(jnp.asarray(depth[np.where(replace, idx, 0)])), probs, shared_problem,
-                t1, rtol, atol)
-            member[free] = idx[free]
-            occupied[free] = True
-        if not occupied.any():
-            break
-        reported = int(np.sum((member >= 0) & ~occupied))
-        retire_at = reported + (max(1, S // 8) if pos < n else S + 1)
-        it, w, slots = advance(slots, shared_problem, t1, ts, rtol, atol, gtol,
-                               jnp.asarray(budget), jnp.asarray(segment_iters),
-                               jnp.asarray(retire_at), method="kvaerno5")
-        iters += int(it)
-        work += int(w)
-        fin = occupied & (np.asarray(slots.status) != ACTIVE)
-        if fin.any():
-            on_retire(gids[member[fin]], host_rows(slots, fin), work, iters * S)
-            work, iters = 0, 0
-            occupied[fin] = False
+    def fill(slots, place, new):  # members `new` of `rows`, from where they stopped
+        idx = np.zeros(S, np.int64)
+        idx[place] = new
+        replace = np.zeros(S, bool)
+        replace[place] = True
+        gid = np.where(replace, gids[idx], -1)
+        sel = {k: put(jnp.asarray(v[idx])) for k, v in rows.items()}
+        slots = _refill_states(
+            slots, put(jnp.asarray(replace)), sel["u"], sel["xi"], sel["t"], sel["steps"],
+            sel["save_i"], sel["saves"], put(jnp.asarray(gid, jnp.int32)),
+            put(jnp.asarray(depth[idx])), problems(idx), shared_problem, t1, rtol, atol)
+        return slots, gids[new]
+
+    def step(slots, retire_at):
+        return advance(slots, shared_problem, t1, ts, rtol, atol, gtol, jnp.asarray(budget),
+                       jnp.asarray(segment_iters), jnp.asarray(retire_at), method="kvaerno5")
+
+    slots = put_slots(empty_slots(S, rows["u"].shape[1], dim, T, rows["u"].dtype,
+                                  problems(np.zeros(S, np.int64))))
+    # no smaller tail arrays: a new Kvaerno5 shape costs a compilation
+    _drive(slots, _Queue(np.arange(len(gids))), fill, step, on_retire, S, sharding)
