@@ -10,11 +10,8 @@ from ._bias import theorem1_bound as theorem1_bound
 from ._discrete import sharpness as sharpness
 from ._discrete import train as train
 from ._flow import DEFAULT_MAX_STEPS as DEFAULT_MAX_STEPS
-from ._flow import DIVERGED as DIVERGED
-from ._flow import Trajectory as Trajectory
 from ._flow import gradient_flow as gradient_flow
 from ._flow import log_times as log_times
-from ._flow import result_message as result_message
 from ._geometry import ZeroCrossing as ZeroCrossing
 from ._geometry import conservation_residual as conservation_residual
 from ._geometry import corollary1_sigma as corollary1_sigma
@@ -26,6 +23,12 @@ from ._geometry import metric_diag as metric_diag
 from ._geometry import sigma as sigma
 from ._geometry import theorem2_bound as theorem2_bound
 from ._geometry import zero_crossings as zero_crossings
+from ._lie import Commuting as Commuting
+from ._lie import ConservationLaws as ConservationLaws
+from ._lie import LieRank as LieRank
+from ._lie import count_conservation_laws as count_conservation_laws
+from ._lie import is_commuting as is_commuting
+from ._lie import lie_rank as lie_rank
 from ._loss import Exponential as Exponential
 from ._loss import FunctionLoss as FunctionLoss
 from ._loss import LeastSquares as LeastSquares
@@ -41,17 +44,26 @@ from ._network import init_gaussian as init_gaussian
 from ._network import init_yun as init_yun
 from ._network import init_zero_first as init_zero_first
 from ._network import minimal_layer as minimal_layer
+from ._network import reduced_gap as reduced_gap
 from ._network import theta as theta
 from ._network import to_reduced as to_reduced
 from ._parameterize import difference as difference
 from ._parameterize import tied as tied
 from ._reduced import mirror_flow as mirror_flow
 from ._reduced import reduced_flow as reduced_flow
-from ._reduced import reduced_gap as reduced_gap
 from ._stochastic import momentum_flow as momentum_flow
 from ._stochastic import stochastic_flow as stochastic_flow
+from ._saddles import Plateaus as Plateaus
+from ._saddles import SaddlePath as SaddlePath
+from ._saddles import detect_plateaus as detect_plateaus
+from ._saddles import saddle_path as saddle_path
+from ._saddles import saddle_thresholds as saddle_thresholds
 from ._sweep import SweepResult as SweepResult
 from ._sweep import sweep as sweep
+from ._trajectory import RESULTS as RESULTS
+from ._trajectory import Result as Result
+from ._trajectory import Trajectory as Trajectory
+from ._trajectory import result_message as result_message
 
 try:
     __version__ = importlib.metadata.version("ddln_jax")

@@ -6,6 +6,8 @@ whose gradient is X Psi(X^T omega) - y and Hessian X M X^T. Damped Newton with b
 phi = +inf outside the (bounded, for L >= 3) domain of xi keeps iterates admissible.
 """
 
+import warnings
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -14,20 +16,30 @@ from jaxtyping import Array, Bool, Float, Int
 from scipy.optimize import linprog
 
 from ._loss import LeastSquares, _check_data
-from ._mirror import AbstractMirrorMap, MirrorMap
+from ._mirror import AbstractMirrorMap, MirrorMap, TiedMirrorMap
 from ._network import theta as product_theta
-from ._validate import check_layers
+from ._parameterize import _difference, _tied
+from ._validate import (
+    as_float_array,
+    check_finite,
+    check_int,
+    check_layers,
+    check_positive,
+    is_traced,
+)
 
 
 class ImplicitBias(eqx.Module):
     """Result of `implicit_bias`.
 
     - `theta`: the predicted limit theta_inf.
-    - `omega`: the dual variable (xi_inf = X^T omega).
+    - `omega`: the dual variable (xi_inf = X^T omega; for `dd.difference`, of the lifted
+        problem [X, -X]).
     - `residual`: ||X theta - y||_2.
     - `iterations`: Newton iterations taken.
-    - `converged`: residual <= max(tol (1 + ||y||), the round-off floor of float64 at this
-        xi, 64 eps ||X|| ||M (|xi| + 1)||).
+    - `converged`: residual <= tol (1 + ||y||), or, in float64, at most the round-off floor
+        at this xi, 64 eps ||X|| ||M (|xi| + 1)|| (in float32 that floor, ~1e-5, is not
+        accepted as convergence).
     """
 
     theta: Float[Array, " dim"]
@@ -38,24 +50,87 @@ class ImplicitBias(eqx.Module):
 
 
 def implicit_bias(
-    layers0, X, y, *, mirror: AbstractMirrorMap | None = None, tol=1e-12, max_iter: int = 200
+    layers0=None,
+    problem=None,
+    y=None,
+    *,
+    parameterization=None,
+    mirror: AbstractMirrorMap | None = None,
+    tol=1e-12,
+    max_steps: int = 200,
 ) -> ImplicitBias:
-    """theta_inf = argmin_{X theta = y} D_Q(theta, theta0) for the DDLN initialised at
-    `layers0` (any depth, Assumption (A)), by damped Newton in the dual.
+    """theta_inf = argmin_{X theta = y} D_Q(theta, theta0): where gradient flow from `layers0`
+    ends on an underdetermined least-squares problem, by damped Newton in the dual.
 
     **Arguments:**
 
-    - `layers0`: initial layers `(depth, dim)`.
-    - `X`, `y`: an underdetermined system (n <= dim, full row rank) that the flow interpolates.
-    - `mirror`: a mirror map to use instead of `MirrorMap.from_layers(layers0)` (e.g. a
-        closed form).
+    - `layers0`: initial layers, as for `gradient_flow` with the same `parameterization`:
+        `(depth, dim)` for the product network (any depth, Assumption (A)); `u0` `(dim,)`
+        for `dd.tied(L)`; `(u0, v0)` for `dd.difference(L)`. Not needed with `mirror`.
+    - `problem`: a `dd.LeastSquares(X, y)`, or the matrix `X` with `y` as third argument.
+        The system X theta = y must be consistent (the flow interpolates).
+    - `parameterization`: `None` (the product), `dd.tied(L)` (theta = u^{⊙L}, u0 > 0) or
+        `dd.difference(L)` (theta = u^{⊙L} - v^{⊙L}, u0, v0 > 0: the tied map on the lifted
+        problem [X, -X]).
+    - `mirror`: a mirror map to use instead of the one built from `layers0` (e.g. a closed
+        form); then `layers0` may be omitted.
     - `tol`: stop when ||X theta - y|| <= tol (1 + ||y||).
-    - `max_iter`: Newton iterations cap.
+    - `max_steps`: Newton iterations cap.
 
-    **Returns:** an `ImplicitBias`. Check `.converged`: very small initializations in deep
-    networks put xi_inf within round-off of the edge of its domain, where float64 cannot
-    resolve Psi.
+    **Returns:** an `ImplicitBias`; a `RuntimeWarning` when `.converged` is False (very small
+    initializations in deep networks put xi_inf within round-off of the edge of its domain,
+    where float64 cannot resolve Psi; float32 cannot reach a small `tol`).
+
+    **Raises:** `ValueError` for an inconsistent system (no theta solves X theta = y), more
+    rows than columns, shapes that do not match, or an unsupported `parameterization`.
     """
+    X, y = _problem_data(problem, y)
+    max_steps = check_int("max_steps", max_steps)
+    check_positive("tol", tol)
+    lift = False
+    if mirror is None:
+        mirror, lift = _mirror_for(layers0, parameterization, X.shape[1])
+    elif parameterization is not None:
+        raise ValueError("pass either `mirror` or `parameterization`, not both.")
+    Xr, yr, U = _independent_rows(X, y)
+    Xs = jnp.concatenate([Xr, -Xr], axis=1) if lift else Xr
+    width = jnp.shape(mirror.grad_q(jnp.ones(Xs.shape[1])))[0]
+    if Xs.shape[1] != width:
+        raise ValueError(
+            f"`X` has {X.shape[1]} columns but the network has {width // (2 if lift else 1)} "
+            "coordinates: they must match."
+        )
+    exact = X.dtype == jnp.float64
+    res = _newton(mirror, Xs, yr, jnp.asarray(tol, X.dtype), max_steps, exact)
+    theta = res.theta[: X.shape[1]] - res.theta[X.shape[1]:] if lift else res.theta
+    res = ImplicitBias(theta=theta, omega=U @ res.omega,
+                       residual=jnp.linalg.norm(X @ theta - y), iterations=res.iterations,
+                       converged=res.converged)
+    if not is_traced(res.converged) and not bool(res.converged):
+        warnings.warn(
+            f"implicit_bias: not converged (residual ||X theta - y|| = {float(res.residual):.3g}"
+            f" after {int(res.iterations)} Newton steps). "
+            + ("" if exact else "float32 cannot reach `tol`: turn on float64 "
+               "(`jax.config.update('jax_enable_x64', True)`) or raise `tol`. ")
+            + "For very small initializations xi_inf sits at the edge of the mirror map's "
+            "domain: a larger scale, or `gradient_flow` for the limit.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return res
+
+
+def _problem_data(problem, y):
+    if isinstance(problem, LeastSquares):
+        if y is not None:
+            raise ValueError("pass `y` inside the `dd.LeastSquares` problem, not separately.")
+        X, y = problem.X, problem.y
+    elif problem is None or y is None:
+        raise TypeError(
+            "`implicit_bias` needs a `dd.LeastSquares(X, y)` problem, or `X` and `y`."
+        )
+    else:
+        X, y = problem, y
     X, y = _check_data(X, y)
     if X.shape[0] > X.shape[1]:
         raise ValueError(
@@ -63,16 +138,72 @@ def implicit_bias(
             "general. Use an underdetermined problem (n <= dim), or `dd.LeastSquares(X, y)"
             ".theta_ls` for the unique minimiser."
         )
-    if mirror is None:
+    return X, y
+
+
+def _independent_rows(X, y):
+    """An equivalent full-row-rank system (X_r = S_r V_r^T, y_r = U_r^T y) and U_r, or a
+    `ValueError` when X theta = y has no solution."""
+    if is_traced(X) or is_traced(y):
+        return X, y, jnp.eye(X.shape[0], dtype=X.dtype)
+    Xn, yn = np.asarray(X, float), np.asarray(y, float)
+    U, S, Vt = np.linalg.svd(Xn, full_matrices=False)
+    eps = np.finfo(np.asarray(X).dtype).eps
+    r = int(np.sum(S > S[0] * max(Xn.shape) * eps)) if S.size and S[0] > 0 else 0
+    if r == 0:
+        raise ValueError("`X` is zero: every theta is a minimiser; there is no implicit bias.")
+    gap = np.linalg.norm(yn - U[:, :r] @ (U[:, :r].T @ yn))
+    if gap > np.sqrt(eps) * (1 + np.linalg.norm(yn)):
+        raise ValueError(
+            f"`X` and `y` are inconsistent: no theta solves X theta = y (rank(X) = {r} < "
+            f"{Xn.shape[0]} rows, least-squares residual {gap:.3g}). Gradient flow then "
+            "converges to a least-squares minimiser, which `implicit_bias` does not predict; "
+            "remove dependent rows or fix `y`."
+        )
+    if r == Xn.shape[0]:
+        return X, y, jnp.eye(X.shape[0], dtype=X.dtype)
+    Ur = jnp.asarray(U[:, :r], X.dtype)
+    return jnp.asarray(S[:r, None] * Vt[:r], X.dtype), Ur.T @ y, Ur
+
+
+def _mirror_for(layers0, parameterization, dim):
+    """The mirror map of `layers0` under `parameterization`, and whether the problem must be
+    lifted to [X, -X] (the difference network)."""
+    if layers0 is None:
+        raise TypeError("`implicit_bias` needs `layers0` (or a `mirror`).")
+    if parameterization is None:
         layers0 = check_layers(layers0)
-        mirror = MirrorMap.from_layers(layers0)
-    if X.shape[1] != jnp.shape(mirror.grad_q(jnp.zeros(X.shape[1])))[0]:
-        raise ValueError("`X` must have as many columns as the network has coordinates.")
-    return _newton(mirror, X, y, jnp.asarray(tol), max_iter)
+        if layers0.shape[1] != dim:
+            raise ValueError(
+                f"`layers0` has dim {layers0.shape[1]} but `X` has {dim} columns: they must "
+                "match."
+            )
+        return MirrorMap.from_layers(layers0), False
+    kind = getattr(parameterization, "func", None)
+    depth = getattr(parameterization, "keywords", {}).get("depth")
+    if kind is _tied:
+        return TiedMirrorMap(_vector("layers0", layers0, dim), depth), False
+    if kind is _difference:
+        if not isinstance(layers0, (tuple, list)) or len(layers0) != 2:
+            raise ValueError("with `dd.difference(L)`, `layers0` must be the pair `(u0, v0)`.")
+        u0, v0 = (_vector("layers0", x, dim) for x in layers0)
+        return TiedMirrorMap(jnp.concatenate([u0, v0]), depth), True
+    raise ValueError(
+        "`implicit_bias` knows the mirror maps of the product network, `dd.tied(L)` and "
+        "`dd.difference(L)`; for another `parameterization` pass its `mirror` "
+        "(a `dd.AbstractMirrorMap`)."
+    )
+
+
+def _vector(name, x, dim):
+    x = check_finite(name, as_float_array(name, x))
+    if x.shape != (dim,):
+        raise ValueError(f"`{name}` must have shape ({dim},) to match `X`, got {x.shape}.")
+    return x
 
 
 @eqx.filter_jit
-def _newton(mirror, X, y, tol, max_iter):
+def _newton(mirror, X, y, tol, max_steps, exact):
     lo, hi = mirror.domain()
     ynorm = jnp.linalg.norm(y)
 
@@ -98,7 +229,7 @@ def _newton(mirror, X, y, tol, max_iter):
     def cond(carry):
         i, omega, r, stalled = carry
         target = jnp.maximum(tol * (1 + ynorm), attainable(omega))
-        return (i < max_iter) & (jnp.linalg.norm(r) > target) & ~stalled
+        return (i < max_steps) & (jnp.linalg.norm(r) > target) & ~stalled
 
     def body(carry):
         i, omega, r, _ = carry
@@ -137,7 +268,9 @@ def _newton(mirror, X, y, tol, max_iter):
     i, omega, r, _ = jax.lax.while_loop(cond, body, (0, omega0, residual(omega0), False))
     theta = mirror.psi(X.T @ omega)
     rn = jnp.linalg.norm(X @ theta - y)
-    ok = rn <= jnp.maximum(tol * (1 + ynorm), attainable(omega))
+    # in float64 the round-off floor counts as converged; float32's floor (~1e-5) does not
+    floor = attainable(omega) if exact else 0.0
+    ok = rn <= jnp.maximum(tol * (1 + ynorm), floor)
     return ImplicitBias(theta=theta, omega=omega, residual=rn, iterations=i, converged=ok)
 
 
@@ -182,7 +315,7 @@ def theorem1_bound(layers0, problem, ts, *, mirror: AbstractMirrorMap | None = N
     mirror = MirrorMap.from_layers(layers0) if mirror is None else mirror
     n, d = problem.X.shape
     if n < d:
-        theta_star = implicit_bias(layers0, problem.X, problem.y, mirror=mirror).theta
+        theta_star = implicit_bias(problem=problem, mirror=mirror).theta
     else:
         theta_star = problem.theta_ls
     dq = mirror.bregman(theta_star, product_theta(layers0))

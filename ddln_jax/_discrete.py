@@ -14,49 +14,15 @@ import optax
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._flow import DIVERGED, Trajectory, make_trajectory, prepare_inputs, warn_if_failed
-from ._loss import as_problem
+from ._loss import as_problem, check_batch_size, row_problem
 from ._network import theta as product_theta
-from ._validate import check_positive, is_traced
-
-
-def _check_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"`{name}` must be an int, got {value!r}.")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
-    return int(value)
-
-
-def num_rows(problem) -> int:
-    X = getattr(problem, "X", None)
-    if X is None:
-        raise TypeError(
-            "minibatches need a problem with data rows (`dd.LeastSquares`, `dd.Logistic`, "
-            f"`dd.Exponential`), got {type(problem).__name__}."
-        )
-    return X.shape[0]
-
-
-def row_problem(problem, idx, weight):
-    """The sub-problem on rows `idx`, its loss multiplied by `weight` (n/b makes the minibatch
-    loss an unbiased estimate of the full sum-over-rows loss)."""
-    sub = eqx.tree_at(lambda p: (p.X, p.y), problem, (problem.X[idx], problem.y[idx]))
-    return lambda th: weight * sub.loss(th)
-
-
-def check_batch_size(problem, batch_size):
-    if batch_size is None:
-        return None
-    n = num_rows(problem)
-    batch_size = _check_int("batch_size", batch_size)
-    if batch_size > n:
-        raise ValueError(f"`batch_size` must be <= the number of rows n = {n}, got {batch_size}.")
-    return batch_size
+from ._solve import prepare_inputs
+from ._trajectory import RESULTS, Trajectory, make_trajectory, result_code, warn_if_failed
+from ._validate import check_int, check_positive, is_traced
 
 
 @eqx.filter_jit
-def _train(layers0, problem, optimizer, lr, dt, key, steps, save_every, batch_size,
+def _train(layers0, problem, optimizer, lr, time_per_step, key, steps, save_every, batch_size,
            parameterization, blowup):
     if optimizer is None:
         optimizer = optax.sgd(lr)
@@ -88,7 +54,7 @@ def _train(layers0, problem, optimizer, lr, dt, key, steps, save_every, batch_si
 
         layers = pick(new_layers, layers)
         opt_state = pick(new_state, opt_state)
-        xi = jnp.where(alive_new, xi - dt * g, xi)
+        xi = jnp.where(alive_new, xi - time_per_step * g, xi)
         return (layers, opt_state, xi, alive_new, done + alive_new, key), None
 
     def save_block(carry, _):
@@ -101,9 +67,10 @@ def _train(layers0, problem, optimizer, lr, dt, key, steps, save_every, batch_si
     _, _, _, alive, done, _ = carry
     cat = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), layers0, layers_s)
     xi_s = jnp.concatenate([xi0[None], xi_s])
-    ts = dt * jnp.arange(0, steps + 1, save_every, dtype=xi0.dtype)
-    return make_trajectory(ts, (cat, xi_s), jnp.where(alive, 0, DIVERGED), done, alive,
-                           dt * done, layers0, problem, parameterization)
+    ts = time_per_step * jnp.arange(0, steps + 1, save_every, dtype=xi0.dtype)
+    result = jnp.where(alive, 0, result_code(RESULTS.diverged))
+    return make_trajectory(ts, (cat, xi_s), result, done, alive, time_per_step * done, layers0,
+                           problem, parameterization)
 
 
 def train(
@@ -115,7 +82,7 @@ def train(
     batch_size: int | None = None,
     key: PRNGKeyArray | None = None,
     save_every: int = 1,
-    dt=None,
+    time_per_step=None,
     parameterization: Callable | None = None,
     blowup: float = 1e8,
 ) -> Trajectory:
@@ -134,19 +101,21 @@ def train(
         rescaled by n / batch_size (an unbiased estimate of the full loss). `None`: full batch.
     - `key`: PRNG key of the minibatches (required with `batch_size`).
     - `save_every`: save one iterate every this many steps (the initial one included).
-    - `dt`: time per step, `ts = k * dt`. Default: eta when `optimizer` is a step size (so
-        gradient descent is compared with the flow at t = k eta), else 1 (ts = step counts).
+    - `time_per_step`: the time of one update, `ts = k * time_per_step`. Default: eta when
+        `optimizer` is a step size (so gradient descent is compared with the flow at
+        t = k eta), else 1 (ts = step counts).
     - `blowup`: a run is flagged as diverged once its loss is non-finite or exceeds
         `blowup * L(theta_0)`.
 
-    **Returns:** a `Trajectory` (`xi` = -dt sum_k grad_theta L_B(theta_k), `num_steps` = steps
-    taken). A diverged run stops updating at its last finite iterate, with `ok=False`,
-    `result = DIVERGED` (100), `t_final` the time it diverged; a `RuntimeWarning` says so
-    outside of jit/vmap. Jit- and vmap-compatible (over step sizes, keys, inits).
+    **Returns:** a `Trajectory` (`xi` = -time_per_step sum_k grad_theta L_B(theta_k),
+    `num_steps` = steps taken). A diverged run stops updating at its last finite iterate, with
+    `ok=False`, `result = dd.Result.diverged`, `t_final` the time it diverged; a
+    `RuntimeWarning` says so outside of jit/vmap. Jit- and vmap-compatible (over step sizes,
+    keys, inits).
     """
     layers0, problem, parameterization = prepare_inputs(layers0, problem, parameterization)
-    steps = _check_int("steps", steps)
-    save_every = _check_int("save_every", save_every)
+    steps = check_int("steps", steps)
+    save_every = check_int("save_every", save_every)
     if steps % save_every:
         raise ValueError(f"`steps` ({steps}) must be a multiple of `save_every` ({save_every}).")
     batch_size = check_batch_size(problem, batch_size)
@@ -156,7 +125,7 @@ def train(
     check_positive("blowup", blowup)
     if isinstance(optimizer, optax.GradientTransformation):
         lr = None
-        dt = 1.0 if dt is None else dt
+        time_per_step = 1.0 if time_per_step is None else time_per_step
     elif isinstance(optimizer, (int, float, np.ndarray, jax.Array)) and not isinstance(
         optimizer, bool
     ):
@@ -168,16 +137,17 @@ def train(
             )
         if not is_traced(lr) and not float(lr) > 0:
             raise ValueError(f"the step size `optimizer` must be > 0, got {float(lr)}.")
-        dt = lr if dt is None else dt
+        time_per_step = lr if time_per_step is None else time_per_step
         optimizer = None
     else:
         raise TypeError(
             "`optimizer` must be an optax.GradientTransformation or a step size, got "
             f"{type(optimizer).__name__}."
         )
-    check_positive("dt", dt)
+    check_positive("time_per_step", time_per_step)
     traj = _train(
-        layers0, problem, optimizer, lr, jnp.asarray(dt, dtype=jnp.result_type(float)), key,
+        layers0, problem, optimizer, lr,
+        jnp.asarray(time_per_step, dtype=jnp.result_type(float)), key,
         steps, save_every, batch_size, parameterization, blowup,
     )
     warn_if_failed(traj, "train", "Use a smaller step size (GD is unstable once the sharpness "
@@ -189,29 +159,28 @@ def sharpness(
     layers,
     problem,
     *,
+    key: PRNGKeyArray,
     parameterization: Callable | None = None,
-    num_iters: int = 500,
+    max_steps: int = 500,
     rtol: float = 1e-10,
-    key: PRNGKeyArray | None = None,
 ) -> Float[Array, ""]:
     """The top eigenvalue of the Hessian of u -> L(parameterization(u)) w.r.t. the layers, by
     power iteration on Hessian-vector products (`jax.jvp` of `jax.grad`, no Hessian formed).
 
     A first pass finds the eigenvalue of largest modulus; when it is negative, a second pass on
     H - lambda I finds the top one. Stops when the Rayleigh quotient changes by less than
-    `rtol` (relative) or after `num_iters` iterations. Gradient descent with step eta is
-    stable near a minimum only if the sharpness is <= 2 / eta.
+    `rtol` (relative) or after `max_steps` iterations. Gradient descent with step eta is
+    stable near a minimum only if the sharpness is <= 2 / eta. `key` draws the start vector.
     """
     problem = as_problem(problem)
     parameterization = product_theta if parameterization is None else parameterization
-    num_iters = _check_int("num_iters", num_iters)
+    max_steps = check_int("max_steps", max_steps)
     check_positive("rtol", rtol)
-    key = jr.key(0) if key is None else key
-    return _sharpness(layers, problem, parameterization, num_iters, rtol, key)
+    return _sharpness(layers, problem, parameterization, max_steps, rtol, key)
 
 
 @eqx.filter_jit
-def _sharpness(layers, problem, parameterization, num_iters, rtol, key):
+def _sharpness(layers, problem, parameterization, max_steps, rtol, key):
     flat, unravel = ravel_pytree(layers)
 
     def f(x):
@@ -229,7 +198,7 @@ def _sharpness(layers, problem, parameterization, num_iters, rtol, key):
             return w, new, jnp.abs(new - lam) > rtol * jnp.abs(new), i + 1
 
         def cond(state):
-            return state[2] & (state[3] < num_iters)
+            return state[2] & (state[3] < max_steps)
 
         v, lam, _, _ = jax.lax.while_loop(cond, body, (v, jnp.array(0.0, v.dtype), True, 0))
         return lam + shift

@@ -4,7 +4,6 @@ conservation laws (Prop 1) and zero crossings."""
 from collections.abc import Callable
 from typing import NamedTuple
 
-import diffrax as dfx
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -12,10 +11,10 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float
 
-from ._flow import Trajectory, layer_vector_field
 from ._loss import as_problem
-from ._network import minimal_layer
 from ._network import theta as product_theta
+from ._solve import dense_solution, layer_vector_field
+from ._trajectory import Trajectory
 from ._validate import check_depth, check_layers
 
 
@@ -51,14 +50,19 @@ def lambda_min_along(traj: Trajectory, parameterization: Callable | None = None)
     return jnp.min(jnp.linalg.eigvalsh(metric_along(traj, parameterization)), axis=-1)
 
 
-def sigma(layers0: Float[Array, "depth dim"]) -> Float[Array, ""]:
+def sigma(layers0: Float[Array, "depth dim"], depth=None) -> Float[Array, ""]:
     """sigma = min_i prod_{k != k_i} (u^k_i(0)^2 - u^{k_i}_i(0)^2) (eq 13), the lower bound on
-    lambda_min(M(t)) for all t. It is 0 when Assumption (A) fails."""
+    lambda_min(M(t)) for all t. It is 0 when Assumption (A) fails.
+
+    With `depth` (may be traced), only the first `depth` rows are layers: the others are
+    padding (as in `dd.sweep`'s padded networks) and are ignored."""
     layers0 = check_layers(layers0)
-    k = minimal_layer(layers0)
-    sq = layers0**2
+    rows = jnp.arange(layers0.shape[0])[:, None]
+    real = jnp.ones_like(rows, bool) if depth is None else rows < depth
+    sq = jnp.where(real, layers0**2, jnp.inf)
+    k = jnp.argmin(sq, axis=0)
     smin = jnp.take_along_axis(sq, k[None], axis=0)
-    factors = jnp.where(jnp.arange(sq.shape[0])[:, None] == k[None], 1.0, sq - smin)
+    factors = jnp.where((rows == k[None]) | ~real, 1.0, sq - smin)
     return jnp.min(jnp.prod(factors, axis=0))
 
 
@@ -136,13 +140,8 @@ def zero_crossings(traj: Trajectory, problem=None, *, rtol=1e-11, atol=1e-13):
 
 @eqx.filter_jit
 def _refine_crossing(layers_a, problem, ta, tb, j, i, rtol, atol):
-    vf = layer_vector_field(product_theta)
     y0 = (layers_a, jnp.zeros_like(layers_a[0]))
-    sol = dfx.diffeqsolve(
-        dfx.ODETerm(vf), dfx.Dopri8(), t0=ta, t1=tb, dt0=None, y0=y0, args=problem,
-        saveat=dfx.SaveAt(dense=True),
-        stepsize_controller=dfx.PIDController(rtol=rtol, atol=atol), max_steps=2**16,
-    )
+    sol = dense_solution(layer_vector_field(product_theta), y0, problem, ta, tb, rtol, atol)
 
     def value(t):
         return sol.evaluate(t)[0][j, i]

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Scalar
 
-from ._validate import as_float_array, check_finite, is_traced
+from ._validate import as_float_array, check_finite, check_int, is_traced
 
 
 def _check_data(X, y):
@@ -168,3 +168,30 @@ def as_problem(problem):
         "`problem` must be a loss object (e.g. `dd.LeastSquares(X, y)`) or a callable "
         f"theta -> scalar, got {type(problem).__name__}."
     )
+
+
+def num_rows(problem) -> int:
+    X = getattr(problem, "X", None)
+    if X is None:
+        raise TypeError(
+            "minibatches need a problem with data rows (`dd.LeastSquares`, `dd.Logistic`, "
+            f"`dd.Exponential`), got {type(problem).__name__}."
+        )
+    return X.shape[0]
+
+
+def row_problem(problem, idx, weight):
+    """The sub-problem on rows `idx`, its loss multiplied by `weight` (n/b makes the minibatch
+    loss an unbiased estimate of the full sum-over-rows loss)."""
+    sub = eqx.tree_at(lambda p: (p.X, p.y), problem, (problem.X[idx], problem.y[idx]))
+    return lambda th: weight * sub.loss(th)
+
+
+def check_batch_size(problem, batch_size):
+    if batch_size is None:
+        return None
+    n = num_rows(problem)
+    batch_size = check_int("batch_size", batch_size)
+    if batch_size > n:
+        raise ValueError(f"`batch_size` must be <= the number of rows n = {n}, got {batch_size}.")
+    return batch_size

@@ -18,8 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from ._network import check_assumption_a
-from ._reduced import metric_from_w, reduced_init, w_from_theta
+from ._network import check_assumption_a, metric_from_w, reduced_init, w_from_theta
 from ._validate import check_layers, is_traced
 
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(12)
@@ -255,16 +254,18 @@ class ShallowMirrorMap(AbstractMirrorMap):
 
 
 class TiedMirrorMap(AbstractMirrorMap):
-    """The redundant network theta = u^{⊙L}, L >= 3, u0 > 0 (App. A.3, eq 27-30 corrected):
-    Psi(xi) = (u0^{-(L-2)} - L(L-2) xi)^{-L/(L-2)},
-    Q(theta) = (<u0^{-(L-2)}, theta> - L/2 <1, theta^{2/L}>) / (L(L-2))."""
+    """The redundant network theta = u^{⊙L}, u0 > 0 (App. A.3, eq 27-30 corrected). For
+    L >= 3: Psi(xi) = (u0^{-(L-2)} - L(L-2) xi)^{-L/(L-2)},
+    Q(theta) = (<u0^{-(L-2)}, theta> - L/2 <1, theta^{2/L}>) / (L(L-2)).
+    For L = 2 (theta' = -4 theta grad L): Psi(xi) = u0^2 exp(4 xi),
+    Q(theta) = <1, theta log(theta / u0^2) - theta + u0^2> / 4 (the hyperbolic entropy)."""
 
     u0: Float[Array, " dim"]
     depth: int = eqx.field(static=True)
 
     def __init__(self, u0, depth: int):
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 3:
-            raise ValueError(f"`depth` must be an int >= 3 for the tied map, got {depth!r}.")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 2:
+            raise ValueError(f"`depth` must be an int >= 2 for the tied map, got {depth!r}.")
         u0 = jnp.asarray(u0, dtype=float)
         if not is_traced(u0) and not np.all(np.asarray(u0) > 0):
             raise ValueError("`u0` must be > 0 (the tied map needs theta > 0).")
@@ -272,14 +273,21 @@ class TiedMirrorMap(AbstractMirrorMap):
 
     def psi(self, xi):
         L = self.depth
+        if L == 2:
+            return self.u0**2 * jnp.exp(4 * xi)
         return (self.u0 ** (-(L - 2)) - L * (L - 2) * xi) ** (-L / (L - 2))
 
     def grad_q(self, theta):
         L = self.depth
+        if L == 2:
+            return jnp.log(theta / self.u0**2) / 4
         return (self.u0 ** (-(L - 2)) - theta ** (-(L - 2) / L)) / (L * (L - 2))
 
     def q(self, theta):
         L = self.depth
+        if L == 2:
+            t0 = self.u0**2
+            return jnp.sum(theta * jnp.log(theta / t0) - theta + t0) / 4
         lin = jnp.sum(self.u0 ** (-(L - 2)) * theta)
         return (lin - L / 2 * jnp.sum(theta ** (2 / L))) / (L * (L - 2))
 
@@ -289,6 +297,8 @@ class TiedMirrorMap(AbstractMirrorMap):
 
     def domain(self):
         L = self.depth
+        if L == 2:
+            return jnp.full_like(self.u0, -jnp.inf), jnp.full_like(self.u0, jnp.inf)
         return jnp.full_like(self.u0, -jnp.inf), self.u0 ** (-(L - 2)) / (L * (L - 2))
 
 

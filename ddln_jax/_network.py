@@ -1,12 +1,29 @@
 """The network: layers `(depth, dim)`, theta = prod_j u^j (eq 1), initializations and
-Assumption (A) with the permutation to the reduced variables v (Section 2.1)."""
+Assumption (A) with the permutation to the reduced variables v (Section 2.1), and the maths of
+those reduced variables.
 
+Per coordinate i, v^1_i is the layer of minimal |u^k_i(0)| and, by the conservation law,
+v^j = sign(v^j(0)) sqrt(v1^2 + Delta_j) with Delta_j = v^j(0)^2 - v^1(0)^2 > 0 (j >= 2).
+Hence theta = s v1 prod_{j>=2} sqrt(v1^2 + Delta_j) with s = sign(prod_{j>=2} v^j(0)) (the
+paper's printed formula takes |v1| and is wrong once v1 changes sign), and the metric
+M_ii = sum_j prod_{k != j} (v^k)^2 depends on w = v1^2 alone.
+"""
+
+import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from ._validate import as_float_array, check_depth, check_finite, check_layers, is_traced
+from ._validate import (
+    as_float_array,
+    check_depth,
+    check_finite,
+    check_layers,
+    check_nonnegative,
+    is_traced,
+)
 
 
 def theta(layers: Float[Array, "depth dim"]) -> Float[Array, " dim"]:
@@ -33,9 +50,10 @@ def init_gaussian(
 ) -> Float[Array, "depth dim"]:
     """Every layer i.i.d. `scale * N(0, 1)`. Satisfies Assumption (A) almost surely.
 
-    `scale` may be a traced array (sweeps over scale do not recompile).
+    `scale` (>= 0) may be a traced array (sweeps over scale do not recompile).
     """
     depth, dim = check_depth(depth), _check_dim(dim)
+    check_nonnegative("scale", scale)
     return scale * jr.normal(key, (depth, dim))
 
 
@@ -45,8 +63,27 @@ def init_zero_first(
     """First layer 0, the others `scale * N(0, 1)` (the paper's Fig 4). Satisfies (A) a.s.:
     the zero layer is the unique minimum of every coordinate."""
     depth, dim = check_depth(depth), _check_dim(dim)
+    check_nonnegative("scale", scale)
     rest = scale * jr.normal(key, (depth - 1, dim))
     return jnp.concatenate([jnp.zeros((1, dim), rest.dtype), rest], axis=0)
+
+
+INITS = ("gaussian", "zero_first")
+
+
+def init_padded(key, depth, padded_depth: int, dim: int, scale, init: str = "gaussian"):
+    """A network of `depth` layers padded to `padded_depth` rows with frozen unit layers (so
+    that networks of several depths share one array shape): the first `depth` rows of a
+    `padded_depth`-row draw of `scale * N(0, 1)` (row 0 zero for `init="zero_first"`), the
+    other rows 1. `depth` and `scale` may be traced; the real layers do not depend on
+    `padded_depth`'s rows beyond `depth` but do depend on `padded_depth` (the draw's shape)."""
+    if init not in INITS:
+        raise ValueError(f"`init` must be one of {INITS}, got {init!r}.")
+    u = scale * jr.normal(key, (padded_depth, dim))
+    rows = jnp.arange(padded_depth)[:, None]
+    if init == "zero_first":
+        u = jnp.where(rows == 0, 0.0, u)
+    return jnp.where(rows < depth, u, 1.0)
 
 
 def init_yun(alpha, ubar, depth: int) -> Float[Array, "depth dim"]:
@@ -112,7 +149,10 @@ def check_assumption_a(
                 "`layers0` violates Assumption (A): the minimal |u^k_i(0)| is not unique at "
                 + "; ".join(bad[:10])
                 + (" ..." if len(bad) > 10 else "")
-                + ". Perturb the initialization (random inits satisfy (A) almost surely)."
+                + ". Perturb the initialization (random inits satisfy (A) almost surely). "
+                "Equal layers alpha*1 are the tied network u^{⊙L}: use "
+                "`parameterization=dd.tied(L)` with `dd.TiedMirrorMap`, or `dd.init_yun` "
+                "(Corollary 1: one zero layer, the others alpha*ubar), which satisfies (A)."
             )
     return ok
 
@@ -137,3 +177,98 @@ def from_reduced(
 def _permutation(k: Int[Array, " dim"], depth: int) -> Int[Array, "depth dim"]:
     rows = jnp.arange(depth)[:, None]
     return jnp.where(rows == 0, k[None, :], jnp.where(rows == k[None, :], 0, rows))
+
+
+class ReducedInit(eqx.Module):
+    """What the reduced dynamics need from an (A) initialization.
+
+    - `k`: argmin layer per coordinate `(dim,)`.
+    - `a`: v^1(0) `(dim,)`.
+    - `deltas`: Delta_j for j = 2..L, `(depth - 1, dim)`, all > 0 under (A).
+    - `signs`: sign(v^j(0)) for j = 2..L, `(depth - 1, dim)`.
+    - `s`: prod of `signs` `(dim,)`.
+    """
+
+    k: Int[Array, " dim"]
+    a: Float[Array, " dim"]
+    deltas: Float[Array, "depth_1 dim"]
+    signs: Float[Array, "depth_1 dim"]
+    s: Float[Array, " dim"]
+
+    @property
+    def depth(self) -> int:
+        return self.deltas.shape[0] + 1
+
+
+def reduced_init(layers0: Float[Array, "depth dim"]) -> ReducedInit:
+    """Permute to v (Section 2.1) and collect Delta_j, the signs and v^1(0)."""
+    k = minimal_layer(layers0)
+    v0 = to_reduced(layers0, k)
+    a = v0[0]
+    deltas = v0[1:] ** 2 - a**2
+    signs = jnp.where(v0[1:] >= 0, 1.0, -1.0).astype(v0.dtype)
+    return ReducedInit(k=k, a=a, deltas=deltas, signs=signs, s=jnp.prod(signs, axis=0))
+
+
+def theta_from_v1(v1, red: ReducedInit):
+    """theta = s v1 prod_{j>=2} sqrt(v1^2 + Delta_j) (corrected formula after eq 6)."""
+    return red.s * v1 * jnp.prod(jnp.sqrt(v1**2 + red.deltas), axis=0)
+
+
+def layers_from_v1(v1, red: ReducedInit):
+    """All layers from v1: v^j = sign(v^j(0)) sqrt(v1^2 + Delta_j), then the inverse
+    permutation back to u."""
+    rest = red.signs * jnp.sqrt(v1**2 + red.deltas)
+    return from_reduced(jnp.concatenate([v1[None], rest], axis=0), red.k)
+
+
+def metric_from_w(w, deltas):
+    """M_ii = sum_j prod_{k != j} (w + Delta_k), Delta_1 = 0, as a function of w = v1^2."""
+    factors = w + deltas
+    prod_rest = jnp.prod(factors, axis=0)
+    # sum_{j>=2} w prod_{k>=2, k != j} (w + Delta_k), without division (factors may vanish).
+    depth_1 = deltas.shape[0]
+    others = jnp.stack(
+        [jnp.prod(jnp.delete(factors, j, axis=0, assume_unique_indices=True), axis=0)
+         for j in range(depth_1)]
+    )
+    return prod_rest + w * jnp.sum(others, axis=0)
+
+
+def w_from_theta(theta, deltas, iterations: int = 60):
+    """Solve w prod_{j>=2} (w + Delta_j) = theta^2 for w = v1^2 >= 0.
+
+    Newton in x = log w on g(x) = x + sum_j log(e^x + Delta_j) - log theta^2, which is
+    increasing (g' in [1, L]) and convex, so Newton converges from any start; it starts
+    from the larger of the small-w and large-w asymptotic roots.
+    """
+    t2 = theta**2
+    safe = t2 > 0
+    log_t2 = jnp.log(jnp.where(safe, t2, 1.0))
+    depth = deltas.shape[0] + 1
+    x_small = log_t2 - jnp.sum(jnp.log(deltas), axis=0)
+    x_large = log_t2 / depth
+    x0 = jnp.maximum(x_small, x_large)
+
+    def body(_, x):
+        ex = jnp.exp(x)
+        g = x + jnp.sum(jnp.log(ex + deltas), axis=0) - log_t2
+        gp = 1.0 + jnp.sum(ex / (ex + deltas), axis=0)
+        return x - g / gp
+
+    x = jax.lax.fori_loop(0, iterations, body, x0)
+    return jnp.where(safe, jnp.exp(x), 0.0)
+
+
+def v1_from_theta(theta, red: ReducedInit):
+    """Invert theta_from_v1: sign(v1) = sign(theta) s, |v1| = sqrt(w)."""
+    w = w_from_theta(theta, red.deltas)
+    return jnp.sign(theta) * red.s * jnp.sqrt(w)
+
+
+def reduced_gap(layers0: Float[Array, "depth dim"]) -> Float[Array, ""]:
+    """min over coordinates and j >= 2 of Delta_j / max_k u^k_i(0)^2: how close a
+    coordinate is to violating (A). Small gaps make the reduced ODE nearly singular."""
+    red = reduced_init(layers0)
+    scale = jnp.maximum(jnp.max(layers0**2, axis=0), jnp.finfo(layers0.dtype).tiny)
+    return jnp.min(red.deltas / scale)

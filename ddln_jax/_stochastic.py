@@ -22,20 +22,19 @@ import lineax as lx
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from ._discrete import check_batch_size, num_rows, row_problem
-from ._flow import (
-    DEFAULT_MAX_STEPS,
-    Trajectory,
+from ._flow import DEFAULT_MAX_STEPS
+from ._loss import check_batch_size, num_rows, row_problem
+from ._network import theta as product_theta
+from ._solve import diffeq, first_nonfinite, layer_vector_field, prepare_inputs, resolve_solver
+from ._trajectory import Trajectory, make_trajectory, result_code, warn_if_failed
+from ._validate import (
+    check_finite,
+    check_gtol,
+    check_positive,
     check_times,
     check_tolerances,
-    diffeq,
-    make_trajectory,
-    prepare_inputs,
-    resolve_solver,
-    warn_if_failed,
+    is_traced,
 )
-from ._network import theta as product_theta
-from ._validate import check_finite, check_positive, is_traced
 
 
 def row_gradients(problem, th: Float[Array, " dim"]) -> Float[Array, "n dim"]:
@@ -65,13 +64,7 @@ def noise_factor(layers, problem, eta, batch_size: int, parameterization=None):
 def _solve_sde(layers0, problem, eta, key, t0, t1, ts, dt, solver, batch_size, max_steps,
                parameterization):
     n = problem.X.shape[0]
-
-    def drift(t, y, args):
-        layers, _ = y
-        th, pullback = jax.vjp(parameterization, layers)
-        g = jax.grad(problem.loss)(th)
-        (du,) = pullback(g)
-        return jax.tree_util.tree_map(jnp.negative, du), -g
+    drift = layer_vector_field(parameterization)
 
     def diffusion(t, y, args):
         Bu, Bt = noise_factor(y[0], problem, eta, batch_size, parameterization)
@@ -82,13 +75,15 @@ def _solve_sde(layers0, problem, eta, key, t0, t1, ts, dt, solver, batch_size, m
     terms = dfx.MultiTerm(dfx.ODETerm(drift), dfx.ControlTerm(diffusion, bm))
     y0 = (layers0, jnp.zeros_like(parameterization(layers0)))
     sol = dfx.diffeqsolve(
-        terms, solver, t0=t0, t1=t1, dt0=dt, y0=y0, saveat=dfx.SaveAt(ts=ts),
+        terms, solver, t0=t0, t1=t1, dt0=dt, y0=y0, args=problem, saveat=dfx.SaveAt(ts=ts),
         stepsize_controller=dfx.ConstantStepSize(), max_steps=max_steps, throw=False,
     )
-    theta_ts = jax.vmap(parameterization)(sol.ys[0])
-    ok = (sol.result == dfx.RESULTS.successful) & jnp.all(jnp.isfinite(theta_ts))
-    return make_trajectory(ts, sol.ys, sol.result._value, sol.stats["num_steps"], ok,
-                           jnp.where(ok, t1, t0), layers0, problem, parameterization)
+    traj = make_trajectory(ts, sol.ys, result_code(sol.result), sol.stats["num_steps"],
+                           sol.result == dfx.RESULTS.successful, t1, layers0, problem,
+                           parameterization)
+    # an SDE path that blows up is not a solver failure for diffrax: mark it diverged
+    result, ok, t_final = first_nonfinite(ts, traj.theta, traj.loss, traj.result, traj.ok, t1)
+    return eqx.tree_at(lambda tr: (tr.result, tr.ok, tr.t_final), traj, (result, ok, t_final))
 
 
 def stochastic_flow(
@@ -125,7 +120,9 @@ def stochastic_flow(
     - `max_steps`: default (t1 - t0) / dt + 16, rounded up to a power of two.
 
     **Returns:** a `Trajectory` (`xi` = -int (grad L dt + noise), the integrated stochastic
-    gradient). `ok` is False, with a warning, if the solve failed or blew up.
+    gradient). A path whose state or loss becomes non-finite has `ok=False`,
+    `result = dd.Result.diverged` and `t_final` the first save time where it was seen; any
+    failure warns (outside jit/vmap).
     """
     layers0, problem, parameterization = prepare_inputs(layers0, problem, parameterization)
     num_rows(problem)
@@ -153,7 +150,7 @@ def stochastic_flow(
 
 @eqx.filter_jit
 def _solve_momentum(layers0, velocity0, problem, damping, t0, t1, ts, solver, rtol, atol,
-                    max_steps, parameterization):
+                    max_steps, parameterization, gtol):
     def vector_field(t, y, args):
         layers, velocity, _ = y
         th, pullback = jax.vjp(parameterization, layers)
@@ -165,7 +162,7 @@ def _solve_momentum(layers0, velocity0, problem, damping, t0, t1, ts, solver, rt
     y0 = (layers0, velocity0, jnp.zeros_like(parameterization(layers0)))
     ys, result, num_steps, ok, t_final = diffeq(
         vector_field, y0, problem, t0=t0, t1=t1, ts=ts, solver=solver, rtol=rtol, atol=atol,
-        max_steps=max_steps,
+        max_steps=max_steps, gtol=gtol, stop_on=lambda f: (f[0], f[-1]),
     )
     layers_ts, _, xi_ts = ys
     return make_trajectory(ts, (layers_ts, xi_ts), result, num_steps, ok, t_final, layers0,
@@ -186,6 +183,7 @@ def momentum_flow(
     atol=1e-10,
     max_steps: int = DEFAULT_MAX_STEPS,
     parameterization: Callable | None = None,
+    stop_when_converged=None,
 ) -> Trajectory:
     """Momentum gradient flow u'' + gamma u' = -grad_u L(u) (heavy ball in continuous time),
     as a first-order system in (u, u', xi) solved adaptively with diffrax.
@@ -195,6 +193,8 @@ def momentum_flow(
     - `damping`: gamma > 0. Large gamma is overdamped: u(t) ~ u_GF(t / gamma) with an error
         O(1 / gamma^2); small gamma oscillates.
     - `velocity0`: u'(0), default 0 (a heavy ball started at rest).
+    - `stop_when_converged`: stop once both ||u'||_inf and ||grad L||_inf are <= this
+        tolerance (the ball is at rest at a critical point).
     - the others as `gradient_flow`.
 
     **Returns:** a `Trajectory` (`xi` = -int grad_theta L dt).
@@ -216,7 +216,7 @@ def momentum_flow(
     traj = _solve_momentum(
         layers0, velocity0, problem, jnp.asarray(damping, dtype=jnp.result_type(float)), t0, t1,
         ts, resolve_solver(solver), jnp.asarray(rtol), jnp.asarray(atol), max_steps,
-        parameterization,
+        parameterization, check_gtol(stop_when_converged),
     )
     warn_if_failed(traj, "momentum_flow")
     return traj

@@ -2,8 +2,10 @@
 
 Three levels, as in diffrax: static misuse raises `ValueError`/`TypeError` naming the
 argument; checks on values that may be traced use `eqx.error_if`; solver failures are
-result codes (see `_flow.py`).
+result codes (see `_trajectory.py`).
 """
+
+import warnings
 
 import equinox as eqx
 import jax
@@ -18,6 +20,11 @@ def is_traced(x) -> bool:
 def as_float_array(name: str, x) -> jax.Array:
     if isinstance(x, (str, bytes)) or x is None:
         raise TypeError(f"`{name}` must be an array of numbers, got {type(x).__name__}.")
+    if np.iscomplexobj(x):
+        raise TypeError(
+            f"`{name}` is complex: pass real values (the library works over the reals; "
+            "it does not drop imaginary parts for you)."
+        )
     try:
         x = jnp.asarray(x)
     except TypeError as e:
@@ -35,6 +42,15 @@ def check_finite(name: str, x: jax.Array) -> jax.Array:
     if not np.all(np.isfinite(np.asarray(x))):
         raise ValueError(msg)
     return x
+
+
+def check_nonnegative(name: str, x) -> None:
+    """`scale` and friends: must be >= 0 when concrete."""
+    if is_traced(x):
+        return
+    arr = np.asarray(x)
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        raise ValueError(f"`{name}` must be a finite number >= 0, got {x!r}.")
 
 
 def check_positive(name: str, x) -> None:
@@ -72,3 +88,72 @@ def check_layers(layers, name: str = "layers0") -> jax.Array:
     if layers.shape[1] < 1:
         raise ValueError(f"`{name}` must have dim >= 1, got shape {tuple(layers.shape)}.")
     return check_finite(name, layers)
+
+
+def check_times(t0, t1, ts):
+    """Static checks of t0 < t1 and of increasing save times inside [t0, t1]."""
+    t0 = as_float_array("t0", t0)
+    t1 = as_float_array("t1", t1)
+    ts = as_float_array("ts", ts)
+    if t0.ndim != 0 or t1.ndim != 0:
+        raise ValueError("`t0` and `t1` must be scalars.")
+    if ts.ndim != 1 or ts.shape[0] < 1:
+        raise ValueError(f"`ts` must be a 1-D array of save times, got shape {tuple(ts.shape)}.")
+    if not any(is_traced(x) for x in (t0, t1, ts)):
+        t0n, t1n, tsn = float(t0), float(t1), np.asarray(ts)
+        if not np.isfinite(t0n) or not np.isfinite(t1n) or not t1n > t0n:
+            raise ValueError(f"`t1` must be finite and > `t0`, got t0={t0n}, t1={t1n}.")
+        if not np.all(np.isfinite(tsn)):
+            raise ValueError("`ts` contains NaN or Inf.")
+        if np.any(np.diff(tsn) <= 0):
+            raise ValueError("`ts` must be strictly increasing.")
+        if tsn[0] < t0n or tsn[-1] > t1n:
+            raise ValueError(
+                f"`ts` must lie in [t0, t1] = [{t0n}, {t1n}], got [{tsn[0]}, {tsn[-1]}]."
+            )
+    else:
+        bad = (ts[0] < t0) | (ts[-1] > t1) | jnp.any(jnp.diff(ts) <= 0) | ~(t1 > t0)
+        ts = eqx.error_if(ts, bad, "`ts` must be strictly increasing and inside [t0, t1].")
+    return t0, t1, ts
+
+
+def check_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"`{name}` must be an int, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
+    return int(value)
+
+
+# rtol below this many float32 epsilons cannot be met in float32
+_F32_RTOL_FLOOR = 1e-6
+_warned_f32 = False
+
+
+def check_tolerances(rtol, atol, max_steps):
+    """Positive tolerances and an int step cap. Without float64 (`jax_enable_x64` off),
+    tolerances below float32 resolution cost steps and cannot be met: warn once."""
+    global _warned_f32
+    check_positive("rtol", rtol)
+    check_positive("atol", atol)
+    check_int("max_steps", max_steps)
+    if jax.config.jax_enable_x64 or _warned_f32 or is_traced(rtol):
+        return
+    if float(np.min(rtol)) < _F32_RTOL_FLOOR:
+        _warned_f32 = True
+        warnings.warn(
+            f"float64 is off (jax_enable_x64 is False) and `rtol`={float(np.min(rtol)):g} is "
+            f"below float32 resolution (use rtol >= {_F32_RTOL_FLOOR:g}, or turn float64 on "
+            "with `jax.config.update('jax_enable_x64', True)` before creating arrays). "
+            "Steps are wasted on round-off and errors stay ~1e-6.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def check_gtol(stop_when_converged):
+    """`stop_when_converged`: None/False (off) or a gradient tolerance > 0."""
+    if stop_when_converged is None or stop_when_converged is False:
+        return None
+    check_positive("stop_when_converged", stop_when_converged)
+    return jnp.asarray(stop_when_converged, dtype=jnp.result_type(float))

@@ -1,7 +1,36 @@
-"""Matplotlib figures of flows: log-suboptimality, node dynamics, heatmaps."""
+"""Matplotlib figures of flows: log-suboptimality, node dynamics, heatmaps, and the one
+shared style of every figure (`use_style`).
 
+Mathematical labels use matplotlib's mathtext (`$\\sigma\\mu$`), never a TeX installation and
+never plain-text Greek names: chosen once here, for the experiments and the notebooks.
+"""
+
+import matplotlib as mpl
 import matplotlib.pyplot as plt
 import numpy as np
+
+STYLE = {
+    "figure.figsize": (6.4, 4.0),
+    "figure.constrained_layout.use": True,
+    "font.size": 10,
+    "axes.titlesize": 10,
+    "axes.labelsize": 10,
+    "legend.fontsize": 8,
+    "legend.frameon": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "lines.linewidth": 1.5,
+    "text.usetex": False,
+    "mathtext.fontset": "cm",
+    "savefig.dpi": 130,
+}
+
+
+def use_style() -> None:
+    """Apply the library's figure style (`STYLE`) to matplotlib's global rcParams."""
+    mpl.rcParams.update(STYLE)
 
 
 def plot_suboptimality(ax, ts, subopt, *, label=None, bound=None, color=None, floor=1e-30):
@@ -36,11 +65,12 @@ def plot_nodes(ax, ts, layers, coordinate: int, *, argmin_layer=None, crossings=
 
 
 def heatmap(ax, values, xlabels, ylabels, *, title=None, cmap="viridis", fmt="{:.2g}",
-            log=True):
-    """A labelled heatmap with the values written in the cells."""
+            log=True, label=None, vmin=None, vmax=None):
+    """A labelled heatmap with the values written in the cells; the colorbar says what it
+    shows (`label`, prefixed by "log10 of" when `log`), on a fixed range if `vmin`/`vmax`."""
     v = np.asarray(values, float)
     shown = np.log10(v) if log else v
-    im = ax.imshow(shown, cmap=cmap, aspect="auto", origin="lower")
+    im = ax.imshow(shown, cmap=cmap, aspect="auto", origin="lower", vmin=vmin, vmax=vmax)
     ax.set_xticks(range(len(xlabels)), [str(x) for x in xlabels])
     ax.set_yticks(range(len(ylabels)), [str(y) for y in ylabels])
     for i in range(v.shape[0]):
@@ -49,5 +79,6 @@ def heatmap(ax, values, xlabels, ylabels, *, title=None, cmap="viridis", fmt="{:
                     color="w")
     if title:
         ax.set_title(title)
-    plt.colorbar(im, ax=ax, label="log10" if log else None)
+    name = label or "value"
+    plt.colorbar(im, ax=ax, label=f"$\\log_{{10}}$ of {name}" if log else name)
     return im

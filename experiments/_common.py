@@ -1,22 +1,41 @@
-"""Shared helpers of the experiment scripts (entry points: they turn on float64)."""
+"""Shared helpers of the experiment scripts (entry points: they turn on float64).
 
+Every experiment module `experiments/<name>.py` has `main(*, quick=True, out=...)` returning a
+summary dict (with "files") and `caption(summary)` returning the markdown lines for
+`results/index.md`; `python -m experiments.<name>` runs it (quick by default, `--full` for the
+paper sizes).
+"""
+
+import argparse
 import json
 import os
+import sys
+import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import jax.random as jr
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ddln_jax.plotting import use_style  # noqa: E402
+
 
 def setup(out) -> Path:
+    """float64 on, the shared plot style, and the output folder."""
     jax.config.update("jax_enable_x64", True)
+    use_style()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def fmt(x, spec=".3g") -> str:
+    return format(float(x), spec)
 
 
 def save_figure(fig, out: Path, name: str) -> list[str]:
@@ -30,7 +49,7 @@ def save_figure(fig, out: Path, name: str) -> list[str]:
 
 
 def _default(o):
-    if isinstance(o, (np.floating, np.integer)):
+    if isinstance(o, (np.floating, np.integer, np.bool_)):
         return o.item()
     if isinstance(o, np.ndarray):
         return o.tolist()
@@ -53,12 +72,50 @@ def save_npz(out: Path, name: str, **arrays) -> str:
     return str(p)
 
 
-def cli(main, doc: str, default_out: str) -> None:
-    """`python -m experiments.<name> [--quick] [--out DIR]`: run `main` and print its summary."""
-    import argparse
+def sparse_problem(key, n, d, k):
+    """A k-sparse ±1.5 truth, X with N(0, 1/n) entries, y = X truth (noiseless)."""
+    kx, ks, kv = jr.split(key, 3)
+    X = jr.normal(kx, (n, d)) / jnp.sqrt(n)
+    support = jr.choice(ks, d, (k,), replace=False)
+    truth = jnp.zeros(d).at[support].set(jr.choice(kv, jnp.array([-1.0, 1.0]), (k,)) * 1.5)
+    return X, X @ truth, truth
 
-    parser = argparse.ArgumentParser(description=doc)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=default_out)
-    args = parser.parse_args()
-    print(main(quick=args.quick, out=args.out))
+
+def time_to_reach(ts, subopt, level=1e-10):
+    """First saved time with L - L* < level, linearly interpolated in log(L - L*)."""
+    ts, s = np.asarray(ts), np.asarray(subopt)
+    below = np.flatnonzero(s < level)
+    if below.size == 0:
+        return float("inf")
+    i = below[0]
+    if i == 0:
+        return float(ts[0])
+    la, lb, lv = np.log(s[i - 1]), np.log(s[i]), np.log(level)
+    return float(ts[i - 1] + (la - lv) / (la - lb) * (ts[i] - ts[i - 1]))
+
+
+def parser(doc: str, name: str, full_estimate: str, default_out: str) -> argparse.ArgumentParser:
+    """The experiment CLIs' shared options: `--full` and `--out`."""
+    p = argparse.ArgumentParser(
+        prog=f"python -m experiments.{name}", description=doc,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--full", action="store_true",
+                   help=f"paper sizes instead of the quick sizes ({full_estimate} on 2 CPU cores)")
+    p.add_argument("--out", default=default_out, help="output folder")
+    return p
+
+
+def cli(main, doc: str, default_out: str) -> None:
+    """`python -m experiments.<name> [--full] [--out DIR]`: run `main`, print the caption.
+
+    The module's `FULL_ESTIMATE` (a string) states how long `--full` takes."""
+    module = sys.modules[main.__module__]
+    name = Path(default_out).name
+    args = parser(doc, name, getattr(module, "FULL_ESTIMATE", "time not measured"),
+                  default_out).parse_args()
+    start = time.perf_counter()
+    summary = module.main(quick=not args.full, out=args.out)
+    print("\n".join(module.caption(summary)))
+    print(f"\nfiles: {', '.join(summary.get('files', []))}")
+    print(f"time: {time.perf_counter() - start:.1f} s")

@@ -1,7 +1,7 @@
 """Speed, measured (never asserted): ratios against baselines measured in the same run.
 
-    python -m experiments.bench --quick      # ~2 min on 2 CPU cores
-    python -m experiments.bench              # B up to 4096
+    python -m experiments.bench              # quick: ~2 min on 2 CPU cores
+    python -m experiments.bench --full       # B up to 4096
 
 Problem: depth 6, dim 8, n 10, Gaussian inits at scale 1, T = 50, rtol 1e-8, atol 1e-10,
 steady-state stop at ||grad L|| <= 1e-7 for every method (scipy: a terminal event).
@@ -10,7 +10,6 @@ steps / wall) of `dd.sweep`, of a plain `jax.vmap(gradient_flow)`, of a Python l
 single solves and of a scipy `solve_ivp` (DOP853) loop on a subset; lockstep efficiency.
 """
 
-import argparse
 import json
 import platform
 import time
@@ -24,6 +23,9 @@ from scipy.integrate import solve_ivp
 
 import ddln_jax as dd
 
+from ._common import parser
+
+FULL_ESTIMATE = ("about 6x the quick run (B up to 4096; estimated, not measured)")
 DEPTH, DIM, N, T1, RTOL, ATOL, GTOL = 6, 8, 10, 50.0, 1e-8, 1e-10, 1e-7
 
 
@@ -44,7 +46,7 @@ def _scipy_solve(X, y, u0):
     return sol.nfev
 
 
-def main(*, quick: bool = False, out="results/bench") -> dict:
+def main(*, quick: bool = True, out="results/bench") -> dict:
     jax.config.update("jax_enable_x64", True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,8 +177,5 @@ def main(*, quick: bool = False, out="results/bench") -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="results/bench")
-    args = parser.parse_args()
-    main(quick=args.quick, out=args.out)
+    args = parser(__doc__, "bench", FULL_ESTIMATE, "results/bench").parse_args()
+    main(quick=not args.full, out=args.out)

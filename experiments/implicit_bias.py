@@ -12,18 +12,14 @@ from tqdm.auto import tqdm
 
 import ddln_jax as dd
 
-from ._common import cli, save_figure, save_json, save_npz, setup
+from ._common import cli, save_figure, save_json, save_npz, setup, sparse_problem
+from ._common import fmt as _fmt
+
+FULL_ESTIMATE = ("about 10x the quick run (160 predictions instead of 20, 4 long flows; "
+                 "estimated, not measured)")
 
 
-def sparse_problem(key, n, d, k):
-    kx, ks, kv = jr.split(key, 3)
-    X = jr.normal(kx, (n, d)) / jnp.sqrt(n)
-    support = jr.choice(ks, d, (k,), replace=False)
-    truth = jnp.zeros(d).at[support].set(jr.choice(kv, jnp.array([-1.0, 1.0]), (k,)) * 1.5)
-    return X, X @ truth, truth
-
-
-def main(*, quick: bool = False, out="results/implicit_bias", seed: int = 0,
+def main(*, quick: bool = True, out="results/implicit_bias", seed: int = 0,
          progress=True) -> dict:
     out = setup(out)
     n, d, k = (8, 16, 2) if quick else (15, 40, 3)
@@ -90,6 +86,18 @@ def main(*, quick: bool = False, out="results/implicit_bias", seed: int = 0,
     files.append(save_json(out, "implicit_bias", summary))
     summary["files"] = files
     return summary
+
+
+def caption(s) -> list[str]:
+    """Markdown lines for `results/index.md` from this experiment's summary."""
+    return [
+        f"Implicit bias on sparse recovery (n={s['n']}, d={s['d']}, k={s['k']}): distance of "
+        "the predicted limit θ∞ to min-ℓ1 (solid) and min-ℓ2 (dashed) against α, Yun and "
+        "random (A) inits. Small α → ℓ1, large α → ℓ2.",
+        f"- prediction vs long gradient flow: max |Δθ| = {_fmt(s['max_flow_discrepancy'])}",
+        f"- all dual Newton solves converged: {s['all_converged']}",
+        f"- ‖θ_ℓ1 − truth‖ = {_fmt(s['l1_recovers_truth'])}",
+    ]
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import ddln_jax as dd
 from ddln_jax.plotting import heatmap
 
 from ._common import save_figure, save_json, save_npz, setup
-from .fig4_init_scale import time_to_reach
+from ._common import time_to_reach
 
 
 def main(*, quick: bool = False, out="results/sweep", depths=None, scales=None, seeds=None,

@@ -22,9 +22,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import ddln_jax as dd
-from ddln_jax.plotting import plot_nodes, plot_suboptimality
+from ddln_jax.plotting import plot_nodes, plot_suboptimality, use_style
 
 jax.config.update("jax_enable_x64", True)  # before any array is made
+use_style()  # the library's one figure style
 
 # %% [markdown]
 # A random least-squares problem L(θ) = ‖Xθ − y‖² (the paper's convention, no ½), and a
@@ -50,14 +51,19 @@ print("ok:", bool(traj.ok), " steps:", int(traj.num_steps), " stopped at t =",
 print("final suboptimality L − L*:", float(problem.suboptimality(traj.theta[-1])))
 
 # %%
+# log time axes (t = 0 itself cannot be shown on them: the curves start at the first save
+# time after 0, 5e-5 here)
+later = slice(1, None)
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-plot_suboptimality(axes[0], traj.ts, problem.suboptimality(traj.theta), label="L = 4",
-                   bound=dd.theorem2_bound(layers0, problem, traj.ts))
-axes[0].set_xscale("symlog", linthresh=1e-2)
+plot_suboptimality(axes[0], traj.ts[later], problem.suboptimality(traj.theta[later]),
+                   label="L = 4", bound=dd.theorem2_bound(layers0, problem, traj.ts[later]))
+axes[0].set_xscale("log")
+axes[0].set_xlabel("t (log)")
 axes[0].legend(fontsize=8)
 k = int(dd.minimal_layer(layers0)[0])
-plot_nodes(axes[1], traj.ts, traj.layers, 0, argmin_layer=k)
-axes[1].set_xscale("symlog", linthresh=1e-2)
+plot_nodes(axes[1], traj.ts[later], traj.layers[later], 0, argmin_layer=k)
+axes[1].set_xscale("log")
+axes[1].set_xlabel("t (log)")
 axes[1].legend(fontsize=7)
 plt.show()
 

@@ -23,9 +23,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import ddln_jax as dd
-from ddln_jax.plotting import plot_suboptimality
+from ddln_jax.plotting import plot_suboptimality, use_style
 
 jax.config.update("jax_enable_x64", True)
+use_style()  # the library's one figure style
 
 kx, ky, ku = jr.split(jr.key(1), 3)
 X, y = jr.normal(kx, (10, 5)), jr.normal(ky, (10,))
@@ -56,11 +57,13 @@ fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
 for j in range(3):
     axes[0].plot(ts, sq[:, j, 0] - sq[0, j, 0], label=f"(u^{j + 1}_1)² − (u^{j + 1}_1(0))²")
 axes[0].set_xlabel("t")
+axes[0].set_ylabel("(u^j_1(t))² − (u^j_1(0))²")
 axes[0].set_title("the three curves coincide")
 axes[0].legend(fontsize=7)
 axes[1].semilogy(ts, np.maximum(np.abs((sq - sq[0])[:, 1] - (sq - sq[0])[:, 0]).max(1), 1e-18))
 axes[1].set_xlabel("t")
-axes[1].set_title("|Δ(u²)₂ − Δ(u²)₁|  (round-off of the solver)")
+axes[1].set_ylabel("|Δ(u²)₂ − Δ(u²)₁| (max over coordinates)")
+axes[1].set_title("departure from Prop 1: round-off of the solver")
 plt.show()
 
 # %% [markdown]
@@ -75,9 +78,11 @@ bound = dd.theorem2_bound(layers0, problem, ts)
 print("σ =", sig, " min_t λ_min(M(t)) =", float(lam.min()))
 print("Theorem 2 holds at every save:", bool(jnp.all(sub <= bound * (1 + 1e-9) + 1e-14)))
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
-axes[0].plot(ts, lam, label="λ_min(M(t))")
-axes[0].axhline(sig, color="k", ls="--", label="σ")
+axes[0].semilogy(ts, lam, label="λ_min(M(t))")
+axes[0].axhline(sig, color="k", ls="--", label=f"σ = {sig:.2g} (eq 13)")
 axes[0].set_xlabel("t")
+axes[0].set_ylabel("eigenvalue (log)")
+axes[0].set_title("λ_min(M(t)) ≥ σ along the path")
 axes[0].legend()
 plot_suboptimality(axes[1], ts, sub, label="flow", bound=bound)
 axes[1].legend(fontsize=8)

@@ -22,8 +22,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import ddln_jax as dd
+from ddln_jax.plotting import use_style
 
 jax.config.update("jax_enable_x64", True)
+use_style()  # the library's one figure style
 
 # %% [markdown]
 # ## Mirror potentials for depth 2..4
@@ -43,7 +45,9 @@ for depth in (2, 3, 4):
     axes[0].plot(thetas, q, label=f"L = {depth}")
     axes[1].plot(thetas, grad, label=f"L = {depth}")
 axes[0].set_title(f"Q(θ) (one coordinate, α = {alpha})")
+axes[0].set_ylabel("Q(θ)")
 axes[1].set_title("∇Q(θ) = ξ")
+axes[1].set_ylabel("ξ = ∇Q(θ)")
 for ax in axes:
     ax.set_xlabel("θ")
     ax.legend(fontsize=8)
@@ -83,6 +87,7 @@ for depth in (2, 3):
     (line,) = ax.loglog(alphas, d1, "o-", label=f"L = {depth}: ‖θ∞ − θ_ℓ1‖")
     ax.loglog(alphas, d2, "s--", color=line.get_color(), label=f"L = {depth}: ‖θ∞ − θ_ℓ2‖")
 ax.set_xlabel("α")
+ax.set_ylabel("distance of the predicted limit θ∞")
 ax.legend(fontsize=7)
 plt.show()
 

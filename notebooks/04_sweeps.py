@@ -28,9 +28,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import ddln_jax as dd
-from ddln_jax.plotting import heatmap
+from ddln_jax.plotting import heatmap, use_style
 
 jax.config.update("jax_enable_x64", True)
+use_style()  # the library's one figure style
 
 kx, ky = jr.split(jr.key(2024))
 problem = dd.LeastSquares(jr.normal(kx, (10, 6)), jr.normal(ky, (10,)))

@@ -1,4 +1,7 @@
-import diffrax as dfx
+import os
+import subprocess
+import sys
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -146,7 +149,7 @@ def test_max_steps_reported_per_trajectory(getkey):
         traj = dd.gradient_flow(u0, dd.LeastSquares(X, y), t1=50.0, ts=jnp.linspace(0, 50, 5),
                                 max_steps=8)
     assert not bool(traj.ok)
-    assert int(traj.result) == int(dfx.RESULTS.max_steps_reached._value)
+    assert int(traj.result) == dd.Result.max_steps_reached
     assert "max_steps" in dd.result_message(traj.result)
     # Under vmap: the large init (stiff: ~5000 steps) fails, the small one (~200) does not.
     inits = jnp.stack([u0, 3.0 * u0])
@@ -155,55 +158,6 @@ def test_max_steps_reported_per_trajectory(getkey):
     trajs = f(inits)
     assert trajs.ok.shape == (2,)
     assert bool(trajs.ok[0]) and not bool(trajs.ok[1])
-
-
-def test_callable_and_other_losses(getkey):
-    X = jr.normal(getkey(), (8, 4))
-    y = jr.normal(getkey(), (8,))
-    u0 = dd.init_gaussian(getkey(), 3, 4)
-    ts = jnp.linspace(0, 2, 5)
-    a = dd.gradient_flow(u0, dd.LeastSquares(X, y), t1=2.0, ts=ts)
-    b = dd.gradient_flow(u0, lambda th: jnp.sum((X @ th - y) ** 2), t1=2.0, ts=ts)
-    np.testing.assert_allclose(a.theta, b.theta, rtol=1e-12, atol=1e-14)
-    labels = jnp.sign(y)
-    for loss in (dd.Logistic(X, labels), dd.Exponential(X, labels)):
-        traj = dd.gradient_flow(u0, loss, t1=2.0, ts=ts)
-        assert bool(traj.ok)
-        assert bool(jnp.all(jnp.diff(traj.loss) <= 1e-12))  # the loss never increases
-
-
-def test_least_squares_quantities():
-    X, y = random_problem(0, 5, 8)  # rank-deficient X^T X (n < d)
-    p = dd.LeastSquares(X, y)
-    th = np.random.default_rng(0).standard_normal(8)
-    np.testing.assert_allclose(p.grad(th), 2 * X.T @ (X @ th - y), rtol=1e-12)
-    np.testing.assert_allclose(p.loss(th), np.sum((X @ th - y) ** 2), rtol=1e-12)
-    ls = np.linalg.lstsq(X, y, rcond=None)[0]
-    np.testing.assert_allclose(p.theta_ls, ls, atol=1e-12)
-    ev = np.linalg.eigvalsh(X.T @ X)
-    np.testing.assert_allclose(p.pl_constant, 2 * ev[ev > 1e-9].min(), rtol=1e-9)
-    assert float(p.min_value) < 1e-20
-    X2, y2 = random_problem(1, 9, 3)  # n > d: L* > 0
-    p2 = dd.LeastSquares(X2, y2)
-    np.testing.assert_allclose(p2.suboptimality(th[:3]), p2.loss(th[:3]) - p2.min_value,
-                               rtol=1e-10)
-    # PL inequality at random points, with mu from an independent eigendecomposition
-    for s in range(5):
-        t = np.random.default_rng(s).standard_normal(3) * 3
-        g = p2.grad(t)
-        assert 2 * float(p2.pl_constant) * float(p2.suboptimality(t)) <= float(g @ g) * (1 + 1e-10)
-
-
-def test_initializers(getkey):
-    u = dd.init_zero_first(getkey(), 4, 6, scale=1.4)
-    assert u.shape == (4, 6) and bool(jnp.all(u[0] == 0))
-    assert bool(jnp.all(dd.check_assumption_a(u)))
-    ub = jnp.array([1.0, -2.0, 0.5])
-    v = dd.init_yun(0.3, ub, 4)
-    np.testing.assert_allclose(v[:3], np.tile(0.3 * np.asarray(ub), (3, 1)))
-    assert bool(jnp.all(v[3] == 0)) and bool(jnp.all(dd.check_assumption_a(v)))
-    k = getkey()
-    np.testing.assert_array_equal(dd.init_gaussian(k, 3, 2), dd.init_gaussian(k, 3, 2))
 
 
 def test_bad_inputs(getkey):
@@ -275,3 +229,35 @@ def test_steady_state_stop_matches_full_solve():
         stop.theta[-1], stop.theta[~before].shape))
     ls = np.linalg.lstsq(X, y, rcond=None)[0]
     np.testing.assert_allclose(stop.theta[-1], ls, atol=1e-7)
+
+
+def test_stationary_init_warns():
+    # two zero layers in every coordinate: grad wrt the layers is 0, grad L(theta0) is not
+    X, y = random_problem(40, 6, 3)
+    with pytest.warns(RuntimeWarning, match="stationary point"):
+        traj = dd.gradient_flow(jnp.zeros((3, 3)), dd.LeastSquares(X, y), t1=1.0,
+                                ts=jnp.linspace(0, 1, 3))
+    np.testing.assert_array_equal(traj.theta, 0.0)
+
+
+def test_float32_tolerances_warn(tmp_path):
+    # x64 cannot be switched off inside this process (conftest turns it on): a subprocess
+    code = (
+        "import warnings, jax.numpy as jnp, numpy as np, ddln_jax as dd\n"
+        "X = np.random.default_rng(0).standard_normal((6, 3))\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    traj = dd.gradient_flow(jnp.ones((2, 3)) * jnp.arange(1, 4), "
+        "dd.LeastSquares(X, X @ np.ones(3)), t1=1.0, ts=jnp.linspace(0, 1, 3))\n"
+        "print(traj.theta.dtype, any('float32 resolution' in str(m.message) for m in w))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "JAX_ENABLE_X64": "0"}, cwd=tmp_path, check=True)
+    assert out.stdout.split() == ["float32", "True"]
+
+
+@pytest.mark.parametrize("t1", [50.0, 3e4, 1234.567])
+def test_log_times_end_exactly_at_t1(t1):
+    ts = dd.log_times(t1, 300, t0=0.1)
+    assert float(ts[-1]) == t1 and float(ts[0]) == 0.1
+    assert np.all(np.diff(np.asarray(ts)) > 0)

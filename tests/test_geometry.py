@@ -1,5 +1,4 @@
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import layer_rhs_numpy, random_layers, random_problem
@@ -34,79 +33,6 @@ def test_metric_pytree_parameterization():
     m = dd.metric((u, v), dd.difference(3))
     ju, jv = np.diag(3 * u**2), np.diag(-3 * v**2)
     np.testing.assert_allclose(m, ju @ ju.T + jv @ jv.T, rtol=1e-12)
-
-
-@pytest.mark.parametrize("depth", [2, 3, 4, 6])
-@pytest.mark.parametrize("n,d", [(8, 4), (3, 5)])
-def test_three_flows_agree(depth, n, d):
-    X, y = random_problem(depth + n, n, d)
-    u0 = random_layers(depth + d, depth, d, scale=0.9)
-    p = dd.LeastSquares(X, y)
-    ts = np.linspace(0, 4, 21)
-    kw = dict(t1=4.0, ts=ts, rtol=1e-11, atol=1e-13, solver="dopri8")
-    full = dd.gradient_flow(u0, p, **kw)
-    mirror = dd.mirror_flow(u0, p, **kw)
-    reduced = dd.reduced_flow(u0, p, **kw)
-    for other in (mirror, reduced):
-        assert bool(other.ok)
-        np.testing.assert_allclose(other.theta, full.theta, atol=1e-8)
-        np.testing.assert_allclose(other.layers, full.layers, atol=1e-8)
-        np.testing.assert_allclose(other.xi, full.xi, atol=1e-8)
-
-
-def test_reduced_flow_zero_first_init(getkey):
-    # v1(0) = 0: the paper's formula with |v1| would give theta = 0 forever; ours moves.
-    X, y = random_problem(5, 6, 4)
-    u0 = np.asarray(dd.init_zero_first(getkey(), 3, 4))
-    ts = np.linspace(0, 2, 9)
-    full = dd.gradient_flow(u0, dd.LeastSquares(X, y), t1=2.0, ts=ts, rtol=1e-11, atol=1e-13)
-    red = dd.reduced_flow(u0, dd.LeastSquares(X, y), t1=2.0, ts=ts, rtol=1e-11, atol=1e-13)
-    assert np.abs(np.asarray(full.theta[-1])).min() > 1e-3
-    np.testing.assert_allclose(red.theta, full.theta, atol=1e-8)
-
-
-def test_reduced_flow_falls_back_on_near_ties():
-    X, y = random_problem(0, 6, 3)
-    u0 = random_layers(0, 3, 3)
-    u0[1, 0] = np.abs(u0[0, 0]) * (1 + 1e-7) * np.sign(u0[1, 0])  # |u^1_0| ~ |u^2_0|
-    u0[2, 0] = 2.0
-    with pytest.warns(RuntimeWarning, match="gradient_flow"):
-        traj = dd.reduced_flow(u0, dd.LeastSquares(X, y), t1=1.0, ts=np.linspace(0, 1, 3))
-    assert bool(traj.ok)
-
-
-def test_reduced_and_mirror_flows_require_assumption_a():
-    X, y = random_problem(0, 6, 3)
-    u0 = random_layers(0, 3, 3)
-    u0[1] = u0[0]  # equal (and minimal) layers violate (A)
-    u0[2] = 3.0 + np.abs(u0[0])
-    for flow in (dd.reduced_flow, dd.mirror_flow):
-        with pytest.raises(ValueError, match="Assumption \\(A\\)"):
-            flow(u0, dd.LeastSquares(X, y), t1=1.0, ts=np.linspace(0, 1, 3))
-
-
-def test_assumption_a_detection():
-    u = random_layers(3, 4, 5)
-    assert bool(jnp.all(dd.check_assumption_a(u)))
-    tied = u.copy()
-    k = np.argmin(np.abs(u[:, 2]))
-    tied[(k + 1) % 4, 2] = -u[k, 2]  # a tie in |u| (opposite sign) at coordinate 2
-    ok = np.asarray(dd.check_assumption_a(tied))
-    assert ok.tolist() == [True, True, False, True, True]
-    with pytest.raises(ValueError, match="coordinate 2: layers"):
-        dd.check_assumption_a(tied, strict=True)
-    equal = np.tile(u[:1], (3, 1))
-    assert not np.any(np.asarray(dd.check_assumption_a(equal)))
-    near = u.copy()
-    near[(k + 1) % 4, 2] = u[k, 2] * (1 + 1e-12)
-    assert bool(dd.check_assumption_a(near)[2])
-    assert not bool(dd.check_assumption_a(near, rtol=1e-9)[2])
-    # the permutation to v puts the minimal layers first and is an involution
-    kk = dd.minimal_layer(u)
-    v = dd.to_reduced(u, kk)
-    np.testing.assert_array_equal(np.abs(v[0]), np.abs(u).min(axis=0))
-    np.testing.assert_array_equal(dd.from_reduced(v, kk), u)
-    np.testing.assert_allclose(dd.theta(v), dd.theta(u), rtol=1e-15)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])

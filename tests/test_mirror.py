@@ -130,76 +130,9 @@ def test_mirror_map_requires_assumption_a():
         dd.MirrorMap.from_layers(u0)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("depth", [2, 3, 4, 5])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_implicit_bias_equals_long_flow(depth, seed):
-    X, y = random_problem(50 + seed, 4, 8)
-    u0 = random_layers(60 + seed * 10 + depth, depth, 8, scale=0.8)
-    assert np.abs(np.prod(u0, axis=0)).min() > 0  # theta0 != 0
-    ib = dd.implicit_bias(u0, X, y)
-    assert bool(ib.converged)
-    p = dd.LeastSquares(X, y)
-    traj = dd.gradient_flow(u0, p, t1=3000.0, ts=np.array([0.0, 3000.0]), rtol=1e-12,
-                            atol=1e-14, solver="dopri8")
-    assert bool(traj.ok) and float(traj.loss[-1]) < 1e-20
-    np.testing.assert_allclose(traj.theta[-1], ib.theta, atol=1e-7)
-
-
-def test_implicit_bias_with_closed_form_map_and_kkt():
-    X, y = random_problem(9, 3, 6)
-    u0 = random_layers(9, 2, 6)
-    a = dd.implicit_bias(u0, X, y)
-    b = dd.implicit_bias(u0, X, y, mirror=dd.ShallowMirrorMap.from_layers(u0))
-    np.testing.assert_allclose(a.theta, b.theta, atol=1e-10)
-    # KKT of argmin D_Q(theta, theta0) s.t. X theta = y: grad Q(theta) in range(X^T)
-    np.testing.assert_allclose(X @ np.asarray(a.theta), y, atol=1e-10)
-    g = np.asarray(dd.ShallowMirrorMap.from_layers(u0).grad_q(a.theta))
-    proj = X.T @ np.linalg.lstsq(X.T, g, rcond=None)[0]
-    np.testing.assert_allclose(proj, g, atol=1e-9)
-
-
 def _sparse_problem(seed=0, n=5, d=10):
     rng = np.random.default_rng(seed)
     X = rng.standard_normal((n, d))
     truth = np.zeros(d)
     truth[[1, 6]] = [1.5, -2.0]
     return X, X @ truth
-
-
-@pytest.mark.parametrize("depth", [2, 3, 4])
-def test_yun_limits_l1_and_l2(depth):
-    X, y = _sparse_problem()
-    l1 = np.asarray(dd.min_l1_interpolator(X, y))
-    l2 = np.asarray(dd.min_l2_interpolator(X, y))
-    np.testing.assert_allclose(X @ l1, y, atol=1e-9)
-    np.testing.assert_allclose(l2, np.linalg.lstsq(X, y, rcond=None)[0], atol=1e-10)
-    ubar = np.ones(X.shape[1])
-    # L = 2 approaches l1 only logarithmically in alpha; for L >= 3 and alpha < 1e-2 the limit
-    # is within the float64 floor (~1e-7) of min-l1 and the trend is noise.
-    alphas = [3.0, 1.0, 0.3, 0.1, 0.01] + ([1e-4] if depth == 2 else [])
-    thetas = []
-    for a in alphas:
-        ib = dd.implicit_bias(dd.init_yun(a, ubar, depth), X, y)
-        assert bool(ib.converged), (a, float(ib.residual))
-        thetas.append(np.asarray(ib.theta))
-    d1 = [np.linalg.norm(t - l1) for t in thetas]
-    d2 = [np.linalg.norm(t - l2) for t in thetas]
-    assert all(b < a for a, b in zip(d1, d1[1:])), d1  # smaller alpha: closer to min-l1
-    assert all(b > a for a, b in zip(d2, d2[1:])), d2  # larger alpha: closer to min-l2
-    assert d1[-1] < 0.1 * np.linalg.norm(l1) and d2[0] < 0.01 * np.linalg.norm(l2)
-
-
-@pytest.mark.parametrize("depth", [2, 3, 4])
-def test_theorem1_bound_holds(depth):
-    for n, d in ((4, 7), (9, 4)):
-        X, y = random_problem(depth * 3 + n, n, d)
-        u0 = random_layers(depth * 5 + n, depth, d)
-        p = dd.LeastSquares(X, y)
-        ts = dd.log_times(50.0, 60)
-        traj = dd.gradient_flow(u0, p, t1=50.0, ts=ts, rtol=1e-10, atol=1e-12)
-        ls = np.linalg.lstsq(X, y, rcond=None)[0]
-        subopt = np.sum(((np.asarray(traj.theta) - ls) @ X.T) ** 2, axis=1)
-        bound = np.asarray(dd.theorem1_bound(u0, p, ts))
-        assert np.isinf(bound[0])
-        assert np.all(subopt[1:] <= bound[1:] * (1 + 1e-8) + 1e-14)

@@ -1,0 +1,166 @@
+"""`Trajectory`, the result of every flow and of `train`, and the one result enumeration.
+
+`RESULTS` is diffrax's enumeration extended with `diverged`; `Result` gives its items as plain
+integers (the codes stored in `Trajectory.result`, in sweep results and in saved files), and
+`result_message` turns a code into words.
+"""
+
+import enum
+import warnings
+from pathlib import Path
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int, PyTree
+
+from ._validate import is_traced
+
+
+class RESULTS(dfx.RESULTS):
+    diverged = (
+        "The state or the loss became non-finite (for `train`: or the loss exceeded `blowup` "
+        "times its initial value)."
+    )
+
+
+def _code(item) -> int:
+    # equinox's enumeration items have no public accessor for their index
+    return int(item._value)
+
+
+# Every code the library reports, as integers: `traj.result == dd.Result.successful`.
+Result = enum.IntEnum(
+    "Result", {name: _code(getattr(RESULTS, name)) for name in RESULTS._name_to_item}
+)
+Result.__doc__ = "The integer codes of `RESULTS` (diffrax's results and `diverged`)."
+
+
+def result_code(item) -> Int[Array, ""]:
+    """The integer code of a diffrax or `RESULTS` item (traceable)."""
+    if not isinstance(item, RESULTS):
+        item = RESULTS.promote(item)
+    return jnp.asarray(item._value, dtype=jnp.int32)
+
+
+def result_message(code) -> str:
+    """The name and message of a result code (`Trajectory.result`, an int or a `Result`)."""
+    code = int(code)
+    try:
+        name = Result(code).name
+    except ValueError:
+        return f"unknown result code {code}"
+    msg = RESULTS[getattr(RESULTS, name)]
+    return name if not msg else f"{name}: {msg}"
+
+
+_FIELDS = ("ts", "layers", "theta", "xi", "loss", "layers0", "result", "num_steps", "ok",
+           "t_final")
+
+
+class Trajectory(eqx.Module):
+    """A solved flow, saved at `ts`. Every flow of the library (and `train`) returns this type.
+
+    **Fields:**
+
+    - `ts`: save times `(T,)`.
+    - `layers`: layers at `ts`, `(T, depth, dim)` (or the parameterization's pytree).
+    - `theta`: effective parameter at `ts`, `(T, dim)`.
+    - `xi`: mirror coordinate xi(t) = -int_0^t grad L, `(T, dim)`.
+    - `loss`: L(theta(t)), `(T,)`.
+    - `layers0`: the initial layers.
+    - `result`: an integer code of `dd.Result` (0 = successful); `dd.result_message(code)`
+        says what it means.
+    - `num_steps`: solver steps taken (accepted + rejected; for `train`, the steps run).
+    - `ok`: True when the run reached `t1` (or a requested steady-state stop) successfully.
+    - `t_final`: where the run ended: `t1`, the time of a steady-state stop, or the time of
+        a failure; saved values at `ts > t_final` are not valid after a failure.
+
+    Under `jax.vmap` every field gains a leading batch axis, so failures are reported per
+    trajectory. `save(path)` / `Trajectory.load(path)` write and read an `.npz` file (array
+    layers only).
+    """
+
+    ts: Float[Array, " T"]
+    layers: PyTree
+    theta: Float[Array, "T dim"]
+    xi: Float[Array, "T dim"]
+    loss: Float[Array, " T"]
+    layers0: PyTree
+    result: Int[Array, ""]
+    num_steps: Int[Array, ""]
+    ok: Bool[Array, ""]
+    t_final: Float[Array, ""]
+
+    def save(self, path) -> Path:
+        """Write every field to `path` (`.npz`, numpy's format; no pickling)."""
+        path = Path(path)
+        if path.suffix != ".npz":
+            path = path.with_suffix(".npz")
+        arrays = {}
+        for name in _FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, (jax.Array, np.ndarray)):
+                raise TypeError(
+                    f"`Trajectory.save` needs array `{name}`, got {type(value).__name__} "
+                    "(a pytree parameterization): save its leaves with numpy instead."
+                )
+            arrays[name] = np.asarray(value)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path) -> "Trajectory":
+        """Read a file written by `Trajectory.save`."""
+        with np.load(Path(path), allow_pickle=False) as data:
+            missing = [name for name in _FIELDS if name not in data.files]
+            if missing:
+                raise ValueError(f"`path` {path} is not a saved Trajectory (missing {missing}).")
+            return cls(**{name: jnp.asarray(data[name]) for name in _FIELDS})
+
+
+def make_trajectory(ts, ys, result, num_steps, ok, t_final, layers0, problem,
+                    parameterization=None, theta=None):
+    """A `Trajectory` from saved `(layers, xi)`; theta is `parameterization` of the layers
+    unless given (the reduced flows solve for theta itself)."""
+    layers_ts, xi_ts = ys
+    theta_ts = jax.vmap(parameterization)(layers_ts) if theta is None else theta
+    return Trajectory(
+        ts=ts,
+        layers=layers_ts,
+        theta=theta_ts,
+        xi=xi_ts,
+        loss=jax.vmap(problem.loss)(theta_ts),
+        layers0=layers0,
+        result=result,
+        num_steps=num_steps,
+        ok=ok,
+        t_final=t_final,
+    )
+
+
+def warn_if_failed(traj: Trajectory, what: str = "gradient_flow", hint: str | None = None) -> None:
+    """Outside of jit/vmap: warn, with the reason and the fix, when a run failed."""
+    if is_traced(traj.ok):
+        return
+    ok = np.asarray(traj.ok)
+    if ok.all():
+        return
+    codes = np.asarray(traj.result).reshape(-1)[~ok.reshape(-1)]
+    reasons = sorted({result_message(c) for c in codes})
+    t_fail = np.asarray(traj.t_final).reshape(-1)[~ok.reshape(-1)]
+    hint = hint or (
+        "Increase `max_steps`, shorten `t1`, or use `solver='kvaerno5'` for stiff (large) "
+        "initializations."
+    )
+    warnings.warn(
+        f"{what}: {int((~ok).sum())} trajectory(ies) failed ({'; '.join(reasons)}), first at "
+        f"t = {float(t_fail.min()):.6g}. Their values after `t_final` are not valid. {hint}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
