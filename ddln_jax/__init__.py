@@ -51,14 +51,15 @@ from ._parameterize import difference as difference
 from ._parameterize import tied as tied
 from ._reduced import mirror_flow as mirror_flow
 from ._reduced import reduced_flow as reduced_flow
-from ._stochastic import momentum_flow as momentum_flow
-from ._stochastic import stochastic_flow as stochastic_flow
 from ._saddles import Plateaus as Plateaus
 from ._saddles import SaddlePath as SaddlePath
 from ._saddles import detect_plateaus as detect_plateaus
 from ._saddles import saddle_path as saddle_path
 from ._saddles import saddle_thresholds as saddle_thresholds
+from ._stochastic import momentum_flow as momentum_flow
+from ._stochastic import stochastic_flow as stochastic_flow
 from ._sweep import SweepResult as SweepResult
+from ._sweep import load_sweep as load_sweep
 from ._sweep import sweep as sweep
 from ._trajectory import RESULTS as RESULTS
 from ._trajectory import Result as Result

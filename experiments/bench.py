@@ -99,7 +99,7 @@ def main(*, quick: bool = True, out="results/bench") -> dict:
 
     vmapped = jax.jit(jax.vmap(lambda u: dd.gradient_flow(
         u, problem, t1=T1, ts=ts, rtol=RTOL, atol=ATOL, stop_when_converged=GTOL)))
-    sweep_kw = dict(t1=T1, ts=ts, rtol=RTOL, atol=ATOL, stop_when_converged=GTOL,
+    sweep_kw = dict(t1=T1, ts=ts, rtol=RTOL, atol=ATOL, stop_when_converged=GTOL, key=jr.key(0),
                     progress=False)
     # compile time of a sweep: first call minus a second identical one
     t = time.perf_counter()

@@ -1,14 +1,29 @@
-"""A depth x scale x seed sweep from the command line, resumable, with a phase diagram:
+"""A depth x scale x seed sweep from the command line, resumable, shared by any number of
+processes, with a phase diagram. Random least-squares problem (X 10x8, fixed), Gaussian inits,
+steady-state stop. The figure shows, per (depth, scale), the median time to reach
+L - L* < 1e-10 and the fraction of seeds that got there within t1.
 
-    python -m experiments.sweep --depths 2 3 4 6 --scales 0.5 1 1.5 --seeds 256 --out results/sweep
+    python -m experiments.sweep                       # quick grid, results/sweep
+    python -m experiments.sweep --full --seeds 256    # paper grid
+    python -m experiments.sweep --load --out results/sweep   # summarise a folder (partial too)
 
-Random least-squares problem (X 10x8, fixed), Gaussian inits, steady-state stop. The figure
-shows, per (depth, scale), the median time to reach L - L* < 1e-10 and the fraction of seeds
-that got there within t1.
+Several processes (one per GPU, or one per SLURM task) run one grid when started with the
+same arguments and the same `--out` (on a shared filesystem): they share the work through
+lease files in `OUT/chunks`. JAX's distributed runtime is optional: `--distributed` calls
+`jax.distributed.initialize()` (cluster auto-detection: SLURM, Open MPI, ...), or give
+`--coordinator HOST:PORT --num-processes N --process-id I`. Without it the processes are
+independent (a process that dies does not stop the others; its chunks are taken over once
+its leases expire).
 """
 
 import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 import matplotlib.pyplot as plt
@@ -17,64 +32,165 @@ import numpy as np
 import ddln_jax as dd
 from ddln_jax.plotting import heatmap
 
-from ._common import save_figure, save_json, save_npz, setup
-from ._common import time_to_reach
+from ._common import parser, save_figure, save_json, save_npz, setup, time_to_reach
+
+FULL_ESTIMATE = "768 trajectories: minutes, not measured"
+QUICK = dict(depths=(2, 3, 4), scales=(0.75, 1.0, 1.5), seeds=4, t1=100.0)
+FULL = dict(depths=(2, 3, 4, 6), scales=(0.5, 1.0, 1.5), seeds=64, t1=500.0)
 
 
-def main(*, quick: bool = False, out="results/sweep", depths=None, scales=None, seeds=None,
-         t1=None, init="gaussian", progress=True) -> dict:
-    out = setup(out)
-    depths = depths or ((2, 3, 4) if quick else (2, 3, 4, 6))
-    scales = scales or ((0.75, 1.0, 1.5) if quick else (0.5, 1.0, 1.5))
-    seeds = seeds or (4 if quick else 64)
-    t1 = t1 or (100.0 if quick else 500.0)
+def _problem():
     kx, ky = jr.split(jr.key(2024))
-    problem = dd.LeastSquares(jr.normal(kx, (10, 8)), jr.normal(ky, (10,)))
-    ts = jnp.linspace(0.0, t1, 200)
-    res = dd.sweep(problem, depths=depths, scales=scales, seeds=range(seeds), t1=t1, ts=ts,
-                   init=init, stop_when_converged=1e-7, out=out / "chunks", progress=progress)
-    sub = np.asarray(problem.suboptimality(jnp.asarray(res.theta)))
-    reach = np.array([time_to_reach(ts, s) for s in sub])
-    shape = (len(depths), len(scales))
-    median, frac = np.full(shape, np.nan), np.zeros(shape)
-    for i, L in enumerate(depths):
-        for j, s in enumerate(scales):
-            rows = (res.depth == L) & np.isclose(res.scale, s)
-            r = reach[rows]
-            frac[i, j] = np.mean(np.isfinite(r))
-            if np.isfinite(r).any():
-                median[i, j] = np.median(r[np.isfinite(r)])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    heatmap(axes[0], np.where(np.isfinite(median), median, t1), scales, depths,
-            title="median time to L - L* < 1e-10", fmt="{:.3g}")
-    heatmap(axes[1], frac, scales, depths, title=f"fraction converged by t = {t1:g}",
-            fmt="{:.2f}", log=False)
-    for ax in axes:
-        ax.set_xlabel("init scale")
-        ax.set_ylabel("depth")
-    files = save_figure(fig, out, "sweep_phase_diagram")
-    files.append(save_npz(out, "sweep", **res.to_dict(), time_to_1e_10=reach))
-    summary = {
-        "depths": list(depths), "scales": list(scales), "seeds": seeds,
-        "median_time": median, "fraction_converged": frac,
-        "all_ok": bool(res.ok.all()), "implicit": int(res.implicit.sum()),
-        "lockstep_efficiency": res.efficiency, "overall_efficiency": res.overall_efficiency,
-    }
-    files.append(save_json(out, "sweep", summary))
-    summary["files"] = files
+    return dd.LeastSquares(jr.normal(kx, (10, 8)), jr.normal(ky, (10,)))
+
+
+def main(*, quick: bool = True, out="results/sweep", depths=None, scales=None, seeds=None,
+         t1=None, init="gaussian", max_chunk: int = 256, lease_timeout: float = 120.0,
+         load: bool = False, progress=True) -> dict:
+    out = setup(out)
+    size = QUICK if quick else FULL
+    depths, scales = depths or size["depths"], scales or size["scales"]
+    seeds, t1 = seeds or size["seeds"], t1 or size["t1"]
+    problem = _problem()
+    if load:
+        res = dd.load_sweep(out / "chunks")
+    else:
+        res = dd.sweep(problem, depths=depths, scales=scales, seeds=seeds, t1=t1,
+                       ts=jnp.linspace(0.0, t1, 200), init=init, stop_when_converged=1e-7,
+                       out=out / "chunks", max_chunk=max_chunk, lease_timeout=lease_timeout,
+                       progress=progress, key=jr.key(0))
+    summary = _summarise(res, problem)
+    if jax.process_index() == 0:
+        summary["files"] = _write(out, res, summary)
     return summary
 
 
+def _summarise(res, problem) -> dict:
+    depths = list(dict.fromkeys(res.depth.tolist()))
+    scales = list(dict.fromkeys(res.scale.tolist()))
+    sub = np.asarray(problem.suboptimality(jnp.asarray(np.nan_to_num(res.theta))))
+    reach = np.array([time_to_reach(res.ts, s) if d else np.nan for s, d in zip(sub, res.done)])
+    shape = (len(depths), len(scales))
+    median, frac = np.full(shape, np.nan), np.full(shape, np.nan)
+    for i, L in enumerate(depths):
+        for j, s in enumerate(scales):
+            r = reach[(res.depth == L) & (res.scale == s) & res.done]
+            if r.size:
+                frac[i, j] = np.mean(np.isfinite(r))
+            if np.isfinite(r).any():
+                median[i, j] = np.median(r[np.isfinite(r)])
+    return {
+        "depths": depths, "scales": scales, "seeds": len(set(res.seed.tolist())),
+        "t1": float(res.info["t1"]), "done": int(res.done.sum()), "total": int(res.done.size),
+        "median_time": median, "fraction_converged": frac, "time_to_1e_10": reach,
+        "all_ok": bool(res.ok[res.done].all()), "implicit": int(res.implicit.sum()),
+        "lockstep_efficiency": res.efficiency, "overall_efficiency": res.overall_efficiency,
+    }
+
+
+def _write(out: Path, res, s: dict) -> list[str]:
+    """Figure and files, written in a private folder and moved into place (other processes
+    of the same sweep may write them too)."""
+    t1 = s["t1"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    heatmap(axes[0], np.where(np.isfinite(s["median_time"]), s["median_time"], t1),
+            s["scales"], s["depths"], title="median time to L - L* < 1e-10", fmt="{:.3g}")
+    # fractions on a fixed 0..1 scale (a constant panel would otherwise get an arbitrary one)
+    heatmap(axes[1], s["fraction_converged"], s["scales"], s["depths"],
+            title=f"fraction converged by t = {t1:g}", fmt="{:.2f}", log=False, vmin=0.0,
+            vmax=1.0)
+    for ax in axes:
+        ax.set_xlabel("init scale")
+        ax.set_ylabel("depth")
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".write-"))
+    try:
+        names = save_figure(fig, tmp, "sweep_phase_diagram")
+        names.append(save_npz(tmp, "sweep", **res.to_dict()))
+        names.append(save_json(tmp, "sweep", {k: v for k, v in s.items()
+                                              if k != "time_to_1e_10"}))
+        files = []
+        for name in names:
+            files.append(str(out / Path(name).name))
+            os.replace(name, files[-1])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return files
+
+
+def caption(s) -> list[str]:
+    """A readable summary: one table row per (depth, scale)."""
+    lines = [
+        f"Sweep: {s['done']} of {s['total']} trajectories done "
+        f"({len(s['depths'])} depths x {len(s['scales'])} scales x {s['seeds']} seeds, "
+        f"t1 = {s['t1']:g}); all ok: {s['all_ok']}; {s['implicit']} finished by the Kvaerno5 "
+        "phase (stiff members); lockstep efficiency over the grid "
+        f"{s['overall_efficiency']:.2f}.",
+        "",
+        "| depth | scale | median time to L - L* < 1e-10 | fraction converged |",
+        "|---|---|---|---|",
+    ]
+    for i, L in enumerate(s["depths"]):
+        for j, sc in enumerate(s["scales"]):
+            m, f = s["median_time"][i, j], s["fraction_converged"][i, j]
+            lines.append(f"| {L} | {sc:g} | {'-' if np.isnan(m) else f'{m:.3g}'} | "
+                         f"{'-' if np.isnan(f) else f'{f:.2f}'} |")
+    return lines
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _parse(argv=None):
+    p = parser(__doc__, "sweep", FULL_ESTIMATE, "results/sweep")
+    p.formatter_class = _Formatter
+    none = "%(default).0s"  # these defaults depend on --full: said in the text, not "None"
+    p.add_argument("--depths", type=int, nargs="+",
+                   help=f"depths (default: {QUICK['depths']}, --full {FULL['depths']}){none}")
+    p.add_argument("--scales", type=float, nargs="+",
+                   help=f"init scales (default: {QUICK['scales']}, --full {FULL['scales']}){none}")
+    p.add_argument("--seeds", type=int,
+                   help=f"number of seeds n: seeds 0..n-1 (default: {QUICK['seeds']}, --full "
+                        f"{FULL['seeds']}){none}")
+    p.add_argument("--t1", type=float,
+                   help=f"final time (default: {QUICK['t1']:g}, --full {FULL['t1']:g}){none}")
+    p.add_argument("--init", default="gaussian", choices=["gaussian", "zero_first"],
+                   help="initialization")
+    p.add_argument("--max-chunk", type=int, default=256,
+                   help="grid points per chunk: the unit of work, of writing and of resume")
+    p.add_argument("--lease-timeout", type=float, default=120.0,
+                   help="seconds after which the chunks of a process that died are taken over")
+    p.add_argument("--load", action="store_true",
+                   help="only summarise the results in --out (complete or partial)")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() (auto-detects SLURM, Open MPI, ...)")
+    p.add_argument("--coordinator",
+                   help="HOST:PORT of process 0: jax.distributed.initialize by hand" + none)
+    p.add_argument("--num-processes", type=int,
+                   help="number of processes (with --coordinator)" + none)
+    p.add_argument("--process-id", type=int,
+                   help="this process's index, 0..N-1 (with --coordinator)" + none)
+    a = p.parse_args(argv)
+    if a.seeds is not None and a.seeds < 1:
+        p.error(f"--seeds must be >= 1, got {a.seeds}")
+    return a
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--depths", type=int, nargs="+")
-    parser.add_argument("--scales", type=float, nargs="+")
-    parser.add_argument("--seeds", type=int)
-    parser.add_argument("--t1", type=float)
-    parser.add_argument("--init", default="gaussian", choices=["gaussian", "zero_first"])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="results/sweep")
-    a = parser.parse_args()
-    s = main(quick=a.quick, out=a.out, depths=a.depths, scales=a.scales, seeds=a.seeds,
-             t1=a.t1, init=a.init)
-    print({k: v for k, v in s.items() if k != "files"})
+    a = _parse()
+    if a.distributed or a.coordinator:
+        jax.distributed.initialize(a.coordinator, a.num_processes, a.process_id)
+    try:
+        summary = main(quick=not a.full, out=a.out, depths=a.depths, scales=a.scales,
+                       seeds=a.seeds, t1=a.t1, init=a.init, max_chunk=a.max_chunk,
+                       lease_timeout=a.lease_timeout, load=a.load)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished trajectories saved; rerun the same command to resume",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # everything is on disk; skip the interpreter's teardown, during which XLA's runtime
+        # sometimes aborted after an interrupt (seen 2 in 8: "terminate called ...")
+        os._exit(130)
+    print("\n".join(caption(summary)))
+    if summary.get("files"):
+        print(f"\nfiles: {', '.join(summary['files'])}")

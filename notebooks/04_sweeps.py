@@ -39,8 +39,8 @@ depths, scales, seeds = (2, 3, 4), (0.5, 1.0), 4
 t1 = 50.0
 ts = jnp.linspace(0.0, t1, 100)
 out = tempfile.mkdtemp()
-res = dd.sweep(problem, depths=depths, scales=scales, seeds=range(seeds), t1=t1, ts=ts,
-               stop_when_converged=1e-8, out=out, progress=False)
+res = dd.sweep(problem, depths=depths, scales=scales, seeds=seeds, t1=t1, ts=ts,
+               stop_when_converged=1e-8, out=out, progress=False, key=jr.key(0))
 print("trajectories:", len(res.depth), " all ok:", bool(res.ok.all()),
       " lockstep efficiency per chunk:", np.round(res.efficiency, 2),
       " steps per trajectory:", res.num_steps.min(), "..", res.num_steps.max())
@@ -74,20 +74,23 @@ plt.show()
 # Rerunning with the same `out` resumes: finished chunks are read back, nothing is recomputed.
 
 # %%
-again = dd.sweep(problem, depths=depths, scales=scales, seeds=range(seeds), t1=t1, ts=ts,
-                 stop_when_converged=1e-8, out=out, progress=False)
+again = dd.sweep(problem, depths=depths, scales=scales, seeds=seeds, t1=t1, ts=ts,
+                 stop_when_converged=1e-8, out=out, progress=False, key=jr.key(0))
 print("identical after resume:", bool(np.array_equal(again.theta, res.theta)))
+loaded = dd.load_sweep(out)  # the folder alone, e.g. in another session
+print("loaded from the folder:",
+      bool(loaded.done.all() and np.array_equal(loaded.theta, res.theta)))
 
 # %% [markdown]
 # ## On a GPU, or several
 # Install the CUDA wheels (`pip install -e ".[cuda]"`, i.e. `jax[cuda12]`) and run the same
-# call: `dd.sweep` shards each chunk's batch axis over every visible device with
-# `jax.sharding.NamedSharding` on a 1-D mesh, so 1 CPU, 8 GPUs or several hosts (after
-# `jax.distributed.initialize()`) use the same code. Raise `max_slots` and `memory_budget` to
-# fill a large card (slots are cheap there: thousands at once). The command-line version
-# with a phase diagram:
+# call. Raise `max_slots` and `memory_budget` to fill a large card (thousands of slots at
+# once). Several GPUs or hosts: start one process per GPU, each running the same sweep with
+# the same `out` on a shared filesystem; they share the grid's chunks through lease files in
+# `out` (nothing computed twice, a dead process's chunks taken over) — see the README's
+# "Several GPUs and several hosts". The command-line version with a phase diagram:
 #
 # ```
-# python -m experiments.sweep --depths 2 3 4 6 --scales 0.5 1 1.5 --seeds 256 --out results/sweep
+# python -m experiments.sweep --full --seeds 256 --out results/sweep
 # ```
 print("devices:", jax.devices())

@@ -1,5 +1,9 @@
 """Implicit bias: the dual Newton prediction against long flows, KKT conditions and LPs."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from helpers import random_layers, random_problem
@@ -152,3 +156,23 @@ def test_bad_inputs():
         dd.implicit_bias(problem=dd.LeastSquares(X, y))
     with pytest.raises(ValueError, match="n=6 > dim=5"):
         dd.implicit_bias(u0, np.vstack([X, X]), np.concatenate([y, y]))
+
+
+def test_float32_converged_is_honest(tmp_path):
+    # x64 is on in this process: run float32 in a subprocess. float32 cannot reach the
+    # default tol 1e-12: `converged` must be False, with a warning naming float64
+    code = (
+        "import warnings, numpy as np, ddln_jax as dd\n"
+        "rng = np.random.default_rng(0)\n"
+        "X, y = rng.standard_normal((3, 6)), rng.standard_normal(3)\n"
+        "u0 = rng.standard_normal((3, 6))\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    ib = dd.implicit_bias(u0, X, y)\n"
+        "r = float(np.linalg.norm(X @ np.asarray(ib.theta, np.float64) - y))\n"
+        "print(ib.theta.dtype, bool(ib.converged), r > 1e-12 * (1 + np.linalg.norm(y)),\n"
+        "      any('float64' in str(m.message) for m in w))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "JAX_ENABLE_X64": "0"}, cwd=tmp_path, check=True)
+    assert out.stdout.split() == ["float32", "False", "True", "True"]

@@ -18,6 +18,7 @@ def _problem():
 
 TS = jnp.linspace(0.0, 10.0, 11)
 KW = dict(depths=[2, 3, 5], scales=[0.6, 1.2], seeds=[0, 1], t1=10.0, ts=TS, max_chunk=4,
+          key=jr.key(0),
           progress=False)
 
 
@@ -27,8 +28,8 @@ def test_grid_points_equal_individual_solves():
     assert res.theta.shape == (12, 11, 4) and res.ok.all()
     for b in range(12):
         L = int(res.depth[b])
-        u0 = np.asarray(res.layers0[b])
-        assert np.all(u0[L:] == 1.0)  # frozen unit padding
+        u0 = res.initial_layers(b)
+        assert u0.shape == (L, 4) and np.all(np.isnan(res.layers0[b][L:]))  # no padding shown
         single = dd.gradient_flow(u0[:L], p, t1=10.0, ts=TS)
         # rtol 1e-8: agreement to 10 * rtol with diffrax's Tsit5 (another step sequence: the
         # sweep's stepper lands on every save time instead of interpolating)
@@ -38,7 +39,7 @@ def test_grid_points_equal_individual_solves():
     assert list(res.depth[:4]) == [2, 2, 2, 2] and list(res.seed[:2]) == [0, 1]
     for b in range(12):
         L = int(res.depth[b])
-        np.testing.assert_allclose(res.sigma[b], dd.sigma(res.layers0[b][:L]), rtol=1e-12)
+        np.testing.assert_allclose(res.sigma[b], dd.sigma(res.initial_layers(b)), rtol=1e-12)
     assert np.all(res.efficiency > 0) and np.all(res.efficiency <= 1)
     # over the grid: a weighted mean of the chunks' efficiencies
     assert res.efficiency.min() <= res.overall_efficiency <= res.efficiency.max()
@@ -61,10 +62,10 @@ def test_problem_per_seed():
         return dd.LeastSquares(jr.normal(k, (6, 3)), jr.normal(jr.fold_in(k, 1), (6,)))
 
     res = dd.sweep(make, depths=[2, 3], scales=[1.0], seeds=[3, 4], t1=5.0, ts=TS[:6],
-                   progress=False)
+                   progress=False, key=jr.key(0))
     for b in range(4):
-        L = int(res.depth[b])
-        single = dd.gradient_flow(res.layers0[b][:L], make(int(res.seed[b])), t1=5.0, ts=TS[:6])
+        single = dd.gradient_flow(res.initial_layers(b), make(int(res.seed[b])), t1=5.0,
+                                  ts=TS[:6])
         np.testing.assert_allclose(res.theta[b], single.theta, rtol=1e-7, atol=1e-7)
 
 
@@ -74,23 +75,19 @@ def test_kill_and_resume(tmp_path):
     out = tmp_path / "sweep"
     dd.sweep(p, out=out, **KW)
     chunks = sorted(out.glob("chunk_*.npz"))
-    assert len(chunks) == 3
-    # a process killed during chunk 2: chunks 1.. lost, a half-written temporary left behind
+    assert len(chunks) == 3 and not list(out.glob("lease_*"))
+    # a process killed during chunk 2: chunks 1.. lost, its lease and a half-written
+    # temporary left behind (the lease expires: `lease_timeout`)
     first_mtime = chunks[0].stat().st_mtime_ns
     for c in chunks[1:]:
         c.unlink()
-    (out / "chunk_00001.npz.tmp.npz").write_bytes(b"partial")
+    (out / ".chunk_00001.npz.0123.tmp").write_bytes(b"partial")
+    (out / "lease_00001").write_text('{"token": "dead", "owner": "x", "expires": 0}')
     resumed = dd.sweep(p, out=out, **KW)
     assert chunks[0].stat().st_mtime_ns == first_mtime  # the finished chunk was not recomputed
-    for field in ("theta", "loss", "num_steps", "ok", "t_final"):
+    for field in ("theta", "loss", "num_steps", "ok", "t_final", "sigma", "rate"):
         np.testing.assert_array_equal(getattr(resumed, field), getattr(full, field))
-    # a chunk written before the work spent on it was recorded still loads
-    with np.load(chunks[0]) as f:
-        old = {k: f[k] for k in f.files if k not in ("work", "slot_iters")}
-    np.savez(chunks[0], **old)
-    again = dd.sweep(p, out=out, **KW)
-    np.testing.assert_array_equal(again.theta, full.theta)
-    assert 0 < again.overall_efficiency <= 1
+    assert resumed.done.all() and 0 < resumed.overall_efficiency <= 1
     with pytest.raises(ValueError, match="different sweep"):
         dd.sweep(p, out=out, **{**KW, "scales": [0.5]})
 
@@ -117,8 +114,7 @@ def test_steady_state_stop_and_stiff_fallback():
     np.testing.assert_allclose(res.theta_final, np.broadcast_to(ls, res.theta_final.shape),
                                atol=1e-6)
     for b in np.flatnonzero(res.implicit)[:2]:
-        L = int(res.depth[b])
-        single = dd.gradient_flow(res.layers0[b][:L], p, t1=50.0, ts=kw["ts"],
+        single = dd.gradient_flow(res.initial_layers(b), p, t1=50.0, ts=kw["ts"],
                                   solver="kvaerno5", stop_when_converged=1e-9)
         np.testing.assert_allclose(res.theta[b], single.theta, atol=1e-6)
 
@@ -140,7 +136,7 @@ def test_stiffness_detection_hands_over_early(per_seed):
     assert np.all(res.num_steps < 2**14)  # explicit + implicit, well under the 2^16 budget
     for b in np.flatnonzero(res.implicit)[:2]:
         problem = _per_seed(int(res.seed[b])) if per_seed else p
-        single = dd.gradient_flow(res.layers0[b][:3], problem, t1=1000.0, ts=kw["ts"],
+        single = dd.gradient_flow(res.initial_layers(b), problem, t1=1000.0, ts=kw["ts"],
                                   solver="kvaerno5", stop_when_converged=1e-9)
         np.testing.assert_allclose(res.theta[b], single.theta, atol=1e-6)
 
@@ -170,8 +166,7 @@ def test_pilot_order_and_slot_migration_do_not_change_results():
     np.testing.assert_allclose(piloted.theta, plain.theta, rtol=1e-12, atol=1e-14)
     np.testing.assert_array_equal(piloted.num_steps, plain.num_steps)
     for b in (0, 63):
-        L = int(plain.depth[b])
-        single = dd.gradient_flow(plain.layers0[b][:L], p, t1=10.0, ts=TS)
+        single = dd.gradient_flow(plain.initial_layers(b), p, t1=10.0, ts=TS)
         np.testing.assert_allclose(plain.theta[b], single.theta, rtol=1e-7, atol=1e-7)
 
 
@@ -183,6 +178,20 @@ def test_bad_arguments():
         dd.sweep(p, init="orthogonal", **KW)
     with pytest.raises(ValueError, match="`rtol`"):
         dd.sweep(p, rtol=0.0, **KW)
+    with pytest.raises(ValueError, match="`scales`"):
+        dd.sweep(p, **{**KW, "scales": [0.5, -1.0]})
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="`seeds`"):
+            dd.sweep(p, **{**KW, "seeds": bad})
+
+
+def test_int_seeds_mean_range():
+    p = _problem()
+    kw = {**KW, "depths": [2], "scales": [1.0]}
+    a = dd.sweep(p, **{**kw, "seeds": 3})
+    b = dd.sweep(p, **{**kw, "seeds": range(3)})
+    assert list(a.seed) == [0, 1, 2]
+    np.testing.assert_array_equal(a.theta, b.theta)
 
 
 # a grid with stiff members (see the stiffness test), as plain Python values
@@ -234,4 +243,4 @@ def test_to_dataframe():
     df = res.to_dataframe()
     assert list(df["depth"]) == [2, 2] and list(df["scale"]) == [0.6, 1.2]
     np.testing.assert_allclose(df["final_loss"], res.loss[:, -1])
-    assert set(res.to_dict()) >= {"theta", "ok", "num_steps", "sigma"}
+    assert set(res.to_dict()) >= {"theta", "ok", "num_steps", "sigma", "done"}

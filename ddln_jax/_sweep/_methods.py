@@ -1,0 +1,144 @@
+"""The sweep's two stepping methods over slot arrays (`_stepper`): the fused explicit Tsit5
+in worker threads and the structured Kvaerno5 for stiff members, both fed by a queue that
+can be stopped (an interrupt takes effect at the end of the current segment of stepping)."""
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import _stepper
+from .._stepper import SLOT_QUANTUM, advance, empty_slots
+
+# iterations per call of the Kvaerno5 stepping: a Kvaerno5 step costs ~50 explicit ones, so
+# shorter segments than the explicit 256 keep an interrupt's latency ~1 s (the results do
+# not depend on it: a slot's arithmetic does not depend on when the others are refilled)
+_IMPLICIT_SEGMENT = 64
+
+
+class Stopped(Exception):
+    """Raised in a worker thread when the sweep is stopped."""
+
+
+class StoppableQueue:
+    """Grid indices handed out in order under a lock (as `_stepper._Queue`); `take` raises
+    `Stopped` once `stop` is set."""
+
+    def __init__(self, order, stop: threading.Event):
+        self.order, self.pos, self.stop = np.asarray(order, np.int64), 0, stop
+        self.lock = threading.Lock()
+
+    def take(self, n: int):
+        if self.stop.is_set():
+            raise Stopped
+        with self.lock:
+            out = self.order[self.pos:self.pos + n]
+            self.pos += out.size
+            return out
+
+    def empty(self) -> bool:
+        return self.pos >= self.order.size
+
+
+def run_threads(fns, stop: threading.Event) -> None:
+    """Run `fns` in threads; the main thread only waits, so Ctrl-C reaches it at once: it
+    sets `stop`, waits for the threads (they stop at their next `take`) and re-raises. An
+    error in a thread stops the others and is raised here."""
+    errors = []
+
+    def wrap(fn):
+        try:
+            fn()
+        except Stopped:
+            pass
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(e)
+            stop.set()
+
+    threads = [threading.Thread(target=wrap, args=(fn,), daemon=True) for fn in fns]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(0.05)
+    except BaseException:
+        stop.set()
+        for t in threads:
+            t.join()
+        raise
+    if errors:
+        raise errors[0]
+
+
+class Methods:
+    """Everything the stepping needs about a sweep; `explicit` and `implicit` run a queue."""
+
+    def __init__(self, *, make_rows, max_depth, dim, shared, t0, t1, ts, rtol, atol, gtol,
+                 sharding, workers: int, slots: int, stop: threading.Event):
+        self.make_rows, self.max_depth, self.dim, self.shared = make_rows, max_depth, dim, shared
+        self.t0, self.t1, self.ts, self.gtol = t0, t1, ts, gtol
+        self.rtol, self.atol = jnp.asarray(rtol, float), jnp.asarray(atol, float)
+        self.sharding, self.workers, self.slots, self.stop = sharding, workers, slots, stop
+        self.n_dev = 1 if sharding is None else sharding.mesh.size
+        self.quantum = SLOT_QUANTUM * self.n_dev
+
+    def explicit(self, queue, on_retire, *, budget: int, workers: int, rtol=None, atol=None,
+                 ts=None):
+        """Tsit5 over `queue`'s grid points in `workers` threads (`_stepper.run_queue`, with
+        this queue): `on_retire(gids, rows, work, slot_iters)` (serialised)."""
+        lock = threading.Lock()
+
+        def serialised(*a):
+            with lock:
+                on_retire(*a)
+
+        rtol = self.rtol if rtol is None else jnp.asarray(rtol, float)
+        atol = self.atol if atol is None else jnp.asarray(atol, float)
+        args = (queue, 0, self.make_rows, self.slots // self.workers, self.max_depth, self.dim,
+                self.shared, self.t0, self.t1, self.ts if ts is None else ts, rtol, atol,
+                self.gtol, budget, serialised, 256, self.quantum, self.sharding, jnp.float64)
+        run_threads([lambda: _stepper._run_worker(*args)] * max(1, workers), self.stop)
+
+    def implicit(self, rows: dict, gids, depth, problem_rows, on_retire, *, budget: int,
+                 num_slots: int = 16):
+        """Kvaerno5 from where the explicit stepper stopped (`_stepper.run_implicit`, with a
+        queue that can be stopped), in one thread (XLA's CPU runtime deadlocked with two
+        concurrent implicit runs)."""
+        S = -(-num_slots * self.n_dev // self.quantum) * self.quantum
+        put, put_slots = _stepper._placer(self.sharding)
+        gids, depth = np.asarray(gids), np.asarray(depth)
+        if problem_rows is not None:
+            problem_rows = jax.tree_util.tree_map(np.asarray, problem_rows)
+
+        def problems(take):
+            return (None if problem_rows is None else
+                    jax.tree_util.tree_map(lambda x: put(jnp.asarray(x[take])), problem_rows))
+
+        def fill(slots, place, new):
+            idx = np.zeros(S, np.int64)
+            idx[place] = new
+            replace = np.zeros(S, bool)
+            replace[place] = True
+            gid = np.where(replace, gids[idx], -1)
+            sel = {k: put(jnp.asarray(v[idx])) for k, v in rows.items()}
+            slots = _stepper._refill_states(
+                slots, put(jnp.asarray(replace)), sel["u"], sel["xi"], sel["t"], sel["steps"],
+                sel["save_i"], sel["saves"], put(jnp.asarray(gid, jnp.int32)),
+                put(jnp.asarray(depth[idx])), problems(idx), self.shared, self.t1, self.rtol,
+                self.atol)
+            return slots, gids[new]
+
+        def step(slots, retire_at):
+            return advance(slots, self.shared, self.t1, self.ts, self.rtol, self.atol, self.gtol,
+                           jnp.asarray(budget), jnp.asarray(_IMPLICIT_SEGMENT),
+                           jnp.asarray(retire_at), method="kvaerno5")
+
+        def run():
+            slots = put_slots(empty_slots(S, rows["u"].shape[1], self.dim, self.ts.shape[0],
+                                          rows["u"].dtype, problems(np.zeros(S, np.int64))))
+            queue = StoppableQueue(np.arange(len(gids)), self.stop)
+            _stepper._drive(slots, queue, fill, step, on_retire, S, self.sharding)
+
+        run_threads([run], self.stop)

@@ -1,0 +1,209 @@
+"""Chunks as a shared work queue: this process claims chunks (leases in the store), streams
+their grid points through its slot arrays, writes each chunk once all its rows are done,
+and on an interrupt (or any error) saves the finished rows of the chunks it holds.
+
+Work units are fixed: chunk c holds the grid points `order[c * size:(c + 1) * size]`, so a
+chunk's contents do not depend on which process ran it, on thread timing or on resumes.
+Claiming is on demand (a worker with free slots claims the next chunk), so a faster process
+takes more chunks; a process that finds the remaining chunks held by others waits and takes
+over the leases that expire (their process died)."""
+
+import sys
+import threading
+import time
+
+import numpy as np
+
+from .._stepper import CONVERGED, DONE
+from ._methods import StoppableQueue, Stopped
+from ._rows import RAW, finish_rows, implicit_finish
+
+
+class Book:
+    """The chunks this process holds and their finished rows. `write(c, raw, partial)`
+    returns a chunk's file contents (derived fields added) from its raw rows."""
+
+    def __init__(self, store, order, size: int, write):
+        self.store, self.order, self.size, self.write = store, order, size, write
+        self.chunk_of = np.empty(len(order), int)
+        self.chunk_of[order] = np.arange(len(order)) // size
+        self.rows: dict[int, list] = {}
+        # slot-steps and slot-iterations since the last chunk was written (they go with the
+        # next one, as the lockstep efficiency of the stepping that finished it), and those
+        # an interrupted run recorded in a chunk's partial file
+        self.spent = np.zeros(2, np.int64)
+        self.carried: dict[int, np.ndarray] = {}
+        self.lock = threading.RLock()
+        self.written = []  # chunks this process wrote
+
+    def members(self, c: int):
+        return self.order[c * self.size:(c + 1) * self.size]
+
+    def open(self, c: int):
+        """Start chunk `c` (claimed): its rows saved by an interrupted run, and the grid points
+        still to compute."""
+        part = self.store.read_partial(c)
+        with self.lock:
+            self.rows[c] = [] if part is None else [{k: part[k] for k in RAW}]
+            self.carried[c] = (np.zeros(2, np.int64) if part is None else
+                               np.array([part["work"], part["slot_iters"]], np.int64))
+            have = [] if part is None else part["index"]
+            missing = self.members(c)[~np.isin(self.members(c), have)]
+            if not missing.size:
+                self._complete(c)
+        return missing
+
+    def spend(self, work: int, slot_iters: int) -> None:
+        with self.lock:
+            self.spent += (work, slot_iters)
+
+    def add(self, raw: dict) -> None:
+        with self.lock:
+            chunks = self.chunk_of[raw["index"]]
+            for c in np.unique(chunks):
+                sel = chunks == c
+                self.rows[c].append({k: v[sel] for k, v in raw.items()})
+                if sum(len(r["index"]) for r in self.rows[c]) == len(self.members(c)):
+                    self._complete(c)
+
+    def _stacked(self, c: int) -> dict:
+        rows = {k: np.concatenate([r[k] for r in self.rows[c]]) for k in RAW}
+        # in the chunk's order, whatever the order of finishing
+        pos = {g: i for i, g in enumerate(self.members(c))}
+        perm = np.argsort([pos[g] for g in rows["index"]], kind="stable")
+        return {k: v[perm] for k, v in rows.items()}
+
+    def _file(self, c: int, partial: bool) -> dict:
+        spent = self.carried.pop(c) + self.spent
+        self.spent[:] = 0
+        return dict(self.write(c, self._stacked(c), partial), work=spent[0],
+                    slot_iters=spent[1])
+
+    def _complete(self, c: int) -> None:
+        self.store.write_chunk(c, self._file(c, False))
+        self.store.log(f"chunk {c} rows {len(self.members(c))}")
+        self.store.release(c)
+        self.written.append(c)
+        del self.rows[c]
+
+    def save_partial(self) -> None:
+        """Write the finished rows of every chunk held (the unit of resume)."""
+        with self.lock:
+            for c, rows in list(self.rows.items()):
+                if rows:
+                    self.store.write_chunk(c, self._file(c, True), True)
+            self.rows.clear()
+
+
+class ChunkQueue(StoppableQueue):
+    """The grid points of the chunks this process claims, claimed as slots free up."""
+
+    def __init__(self, store, book: Book, n_chunks: int, stop):
+        super().__init__(np.empty(0, np.int64), stop)
+        self.store, self.book, self.n_chunks = store, book, n_chunks
+        self.next_c, self.exhausted, self.claimed = 0, False, 0
+
+    def take(self, n: int):
+        if self.stop.is_set():
+            raise Stopped
+        with self.lock:
+            while self.order.size - self.pos < n and not self.exhausted:
+                c = self._claim_next()
+                if c is None:
+                    self.exhausted = True
+                    break
+                self.claimed += 1
+                missing = self.book.open(c)
+                self.order, self.pos = np.concatenate([self.order[self.pos:], missing]), 0
+            out = self.order[self.pos:self.pos + n]
+            self.pos += out.size
+            return out
+
+    def _claim_next(self):
+        while self.next_c < self.n_chunks:
+            c = self.next_c
+            self.next_c += 1
+            if self.store.claim(c):
+                return c
+        return None
+
+    def empty(self) -> bool:
+        return self.exhausted and self.pos >= self.order.size
+
+
+class Scheduler:
+    """Runs a sweep's chunks in this process (see the module docstring)."""
+
+    def __init__(self, *, store, methods, book: Book, make_rows, batched: bool, tsn, t1,
+                 explicit_max_steps: int, max_steps: int, bar, poll: float):
+        self.store, self.methods, self.book, self.bar = store, methods, book, bar
+        self.make_rows, self.batched, self.tsn, self.t1 = make_rows, batched, tsn, t1
+        self.explicit_max_steps, self.max_steps, self.poll = explicit_max_steps, max_steps, poll
+        self.n_chunks = -(-len(book.order) // book.size)
+
+    def run(self) -> None:
+        stop = self.methods.stop
+        renewing = threading.Event()
+        renewer = threading.Thread(target=self._renew, args=(renewing,), daemon=True)
+        renewer.start()
+        try:
+            while True:
+                claimed = self._round()
+                if all(self.store.complete(c) for c in range(self.n_chunks)):
+                    self.store.clean()
+                    break
+                if not claimed:  # the rest is held by others: wait for them or their expiry
+                    time.sleep(self.poll)
+        except BaseException:
+            stop.set()
+            self.book.save_partial()
+            raise
+        finally:
+            renewing.set()
+            self.store.release_all()
+
+    def _renew(self, done: threading.Event) -> None:
+        while not done.wait(self.store.lease_timeout / 4):
+            try:
+                self.store.renew()
+            except OSError as e:  # a filesystem hiccup: retried at the next renewal
+                print(f"sweep: lease renewal failed: {e}", file=sys.stderr)
+
+    def _round(self) -> bool:
+        """Claim chunks until none is left to claim, step them; returns whether any was
+        claimed."""
+        queue = ChunkQueue(self.store, self.book, self.n_chunks, self.methods.stop)
+        stiff = []
+
+        def retire(gids, rows, work, slot_iters):
+            self.book.spend(work, slot_iters)
+            ok = (rows["status"] == DONE) | (rows["status"] == CONVERGED)
+            for i in np.flatnonzero(~ok):
+                stiff.append((int(gids[i]), {k: v[i] for k, v in rows.items()}))
+            if ok.any():
+                self.book.add(finish_rows(gids[ok], {k: v[ok] for k, v in rows.items()},
+                                          self.tsn, self.t1))
+            self.bar.update(int(ok.sum()))
+
+        todo = sum(not self.store.complete(c) for c in range(self.n_chunks))
+        self.methods.explicit(queue, retire, budget=self.explicit_max_steps,
+                              workers=min(self.methods.workers, todo * self.book.size))
+        if stiff:
+            self._stiff(stiff)
+        return queue.claimed > 0
+
+    def _stiff(self, stiff) -> None:
+        """Stiff members (and any that exhausted the explicit budget or failed): Kvaerno5 from
+        where the explicit stepper stopped, every slot with its own step size."""
+        stiff.sort(key=lambda item: item[0])  # an order independent of the retirements
+        gids = np.array([g for g, _ in stiff])
+        rows = {k: np.stack([r[k] for _, r in stiff]) for k in stiff[0][1]}
+        _, depth, probs = self.make_rows(gids)
+
+        def retire(g, out, work, slot_iters):
+            self.book.spend(work, slot_iters)
+            self.book.add(implicit_finish(g, out, self.tsn, self.t1))
+            self.bar.update(len(g))
+
+        self.methods.implicit(rows, gids, np.asarray(depth), probs if self.batched else None,
+                              retire, budget=self.max_steps)

@@ -1,0 +1,119 @@
+"""The sweep's results folder: leases, atomic files, loading (partial folders, duplicates)."""
+
+import json
+import shutil
+import time
+
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import ddln_jax as dd
+from ddln_jax._sweep._store import Store
+
+KW = dict(depths=[2, 3, 5], scales=[0.6, 1.2], seeds=[0, 1], t1=10.0, key=jr.key(0),
+          ts=jnp.linspace(0.0, 10.0, 11), max_chunk=4, progress=False)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("store") / "sweep"
+    p = dd.LeastSquares(jr.normal(jr.key(1), (8, 4)), jr.normal(jr.key(2), (8,)))
+    return out, dd.sweep(p, out=out, **KW)
+
+
+def test_lease_claim_expiry_and_single_takeover(tmp_path):
+    a, b, c = (Store(tmp_path, name, lease_timeout=0.5) for name in "abc")
+    assert a.claim(0) and not b.claim(0)  # O_EXCL: one holder
+    assert b.claim(1)
+    time.sleep(0.3)
+    a.renew()  # a is alive: its lease does not expire
+    time.sleep(0.3)
+    assert not b.claim(0)
+    time.sleep(0.6)  # a stopped renewing (died): exactly one other process takes over
+    assert b.claim(0) and not c.claim(0)
+    with pytest.warns(UserWarning, match="lost the lease"):
+        a.renew()  # a comes back: its lease is gone, it is told so
+    assert 0 not in a.held
+    b.write_chunk(0, {"index": np.arange(2)})
+    b.release(0)
+    assert b.complete(0) and not c.claim(0)  # complete chunks are never claimed
+    assert not list(tmp_path.glob("lease_00000*"))
+
+
+def test_crashed_writes_are_ignored_and_cleaned(tmp_path):
+    s = Store(tmp_path, "a", lease_timeout=1.0)
+    s.write_chunk(3, {"index": np.arange(2)})
+    old = tmp_path / ".chunk_00004.npz.dead.tmp"
+    old.write_bytes(b"half")  # a writer killed mid-write
+    stamp = time.time() - 7200
+    import os
+
+    os.utime(old, (stamp, stamp))
+    (tmp_path / ".chunk_00005.npz.live.tmp").write_bytes(b"being written")
+    (tmp_path / "lease_00006").write_text("")  # killed between creating and filling a lease
+    s2 = Store(tmp_path, "b", lease_timeout=0.2)
+    assert not old.exists() and (tmp_path / ".chunk_00005.npz.live.tmp").exists()
+    assert [n for n, _ in s2.parts()] == ["chunk_00003.npz"]
+    assert not s2.claim(6)
+    time.sleep(0.3)
+    assert s2.claim(6)
+
+
+def test_load_sweep_complete_partial_duplicate_conflicting(folder, tmp_path):
+    out, res = folder
+    loaded = dd.load_sweep(out)
+    for f in ("theta", "loss", "num_steps", "sigma", "rate", "layers0", "efficiency"):
+        np.testing.assert_array_equal(getattr(loaded, f), getattr(res, f))
+    assert loaded.done.all() and loaded.info["rtol"] == 1e-8
+    # partial: a chunk missing, another one only half done (an interrupted run's save)
+    part = tmp_path / "part"
+    shutil.copytree(out, part)
+    (part / "chunk_00001.npz").unlink()
+    with np.load(part / "chunk_00002.npz") as f:
+        half = {k: f[k][:2] if f[k].ndim else f[k] for k in f.files}
+    (part / "chunk_00002.npz").unlink()
+    np.savez(part / "chunk_00002.partial.npz", **half)
+    p = dd.load_sweep(part)
+    assert p.done.sum() == 6 and np.isnan(p.theta[~p.done]).all()
+    assert (p.num_steps[~p.done] == -1).all() and not p.ok[~p.done].any()
+    np.testing.assert_array_equal(p.theta[p.done], res.theta[p.done])
+    assert np.isnan(p.efficiency[1]) and p.efficiency[0] == res.efficiency[0]
+    # an exact duplicate of a chunk (two runs wrote it) loads; a conflicting one raises
+    dup = tmp_path / "dup"
+    shutil.copytree(out, dup)
+    shutil.copy(dup / "chunk_00000.npz", dup / "chunk_00007.npz")
+    np.testing.assert_array_equal(dd.load_sweep(dup).theta, res.theta)
+    with np.load(dup / "chunk_00000.npz") as f:
+        bad = {k: f[k] for k in f.files}
+    bad["theta"] = bad["theta"].copy()
+    bad["theta"][1, 3, 0] += 1e-12
+    np.savez(dup / "chunk_00008.npz", **bad)
+    with pytest.raises(ValueError, match="conflicting results for grid point"):
+        dd.load_sweep(dup)
+    with pytest.raises(FileNotFoundError):
+        dd.load_sweep(tmp_path / "nothing")
+
+
+def test_manifest_guards_the_folder(folder):
+    out, _ = folder
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["spec"]["chunk"] == 4 and sorted(m["order"]) == list(range(12))
+    assert {"ddln_jax", "jax", "diffrax"} <= set(m["versions"])
+
+
+def test_to_xarray_and_netcdf(folder, tmp_path):
+    pytest.importorskip("xarray")
+    _, res = folder
+    ds = res.to_xarray()
+    assert dict(ds.sizes) == {"depth": 3, "scale": 2, "seed": 2, "time": 11, "coordinate": 4,
+                              "layer": 5}
+    np.testing.assert_array_equal(ds.theta.sel(depth=3, scale=1.2, seed=1).values,
+                                  res.theta[7])
+    assert ds.attrs["rtol"] == 1e-8 and "jax" in ds.attrs
+    path = res.to_netcdf(tmp_path / "sweep.nc")
+    import xarray as xr
+
+    with xr.open_dataset(path) as back:
+        np.testing.assert_array_equal(back.theta.values, ds.theta.values)
