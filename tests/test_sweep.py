@@ -156,6 +156,19 @@ def test_workers_do_not_change_results():
         dd.sweep(p, workers=0, **KW)
 
 
+def test_slot_array_size_does_not_change_results():
+    # depth 6, dim 8: 128- and 48-slot arrays (XLA's CPU reductions change order from 128
+    # slots on; the stepper sums in a fixed order) give the same bits
+    kx, ky = jr.split(jr.key(11))
+    p = dd.LeastSquares(jr.normal(kx, (10, 8)), jr.normal(ky, (10,)))
+    kw = dict(depths=[6], scales=[1.0], seeds=128, t1=2.0, ts=jnp.linspace(0.0, 2.0, 3),
+              progress=False, key=jr.key(0), workers=1)  # 128 points fill a 128-slot array
+    a = dd.sweep(p, max_slots=128, **kw)
+    b = dd.sweep(p, max_slots=48, **kw)
+    np.testing.assert_array_equal(a.theta, b.theta)
+    np.testing.assert_array_equal(a.num_steps, b.num_steps)
+
+
 def test_pilot_order_and_slot_migration_do_not_change_results():
     # 64 trajectories in 64 slots, moved to 16-slot arrays as they finish; with the pilot they
     # are queued longest first. Each trajectory's arithmetic is independent of its slot.
