@@ -16,8 +16,6 @@ norm are restricted to the real layers, so a padded trajectory takes the steps o
 one.
 """
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import diffrax as dfx
 import equinox as eqx
@@ -496,61 +494,6 @@ def host_rows(slots: Slots, sel) -> dict:
     }
 
 
-class _Queue:
-    """Grid indices handed out to the workers in order, under a lock."""
-
-    def __init__(self, order):
-        self.order, self.pos, self.lock = order, 0, threading.Lock()
-
-    def take(self, n: int):
-        with self.lock:
-            out = self.order[self.pos:self.pos + n]
-            self.pos += out.size
-            return out
-
-    def empty(self) -> bool:
-        return self.pos >= self.order.size
-
-
-def run_queue(order, make_rows, *, num_slots: int, max_depth: int, dim: int, shared_problem,
-              t0, t1, ts, rtol, atol, gtol, budget: int, on_retire, segment_iters: int = 256,
-              tail_slots: int = 2, sharding=None, workers: int = 1, dtype=jnp.float64):
-    """Run the grid indices `order` through `num_slots` slots (longest expected first is
-    best). `make_rows(gids)` returns `(u0 (S, Lmax, d), depth (S,), problem_rows or None)` for
-    `S` grid indices. `on_retire(gids, rows, work, slot_iters)` receives finished trajectories
-    as numpy arrays, with the slot-steps done and the slot-iterations spent since the last
-    call (calls are serialised).
-
-    `workers > 1` splits the slots into that many independent slot arrays, each stepped by
-    its own host thread, all taking their next trajectories from the one queue: XLA runs one
-    small computation on one core, so on a CPU this is how the cores are used. A
-    trajectory's result does not depend on the slot array it runs in (slot arrays hold whole
-    blocks of `SLOT_QUANTUM`), so it does not depend on the thread timing either. Once the
-    queue is empty, a worker's busy slots move to 4x smaller arrays (down to `tail_slots`)
-    whenever three quarters of them are idle."""
-    order = np.asarray(order, np.int64)
-    per = num_slots // max(1, int(workers))  # slots per worker, before idle workers are dropped
-    workers = max(1, min(int(workers), order.size))
-    queue = _Queue(order)
-    placeholder = int(order[0]) if order.size else 0
-    args = (queue, placeholder, make_rows, per, max_depth, dim, shared_problem, t0, t1, ts,
-            rtol, atol, gtol, budget)
-    rest = (segment_iters, tail_slots, sharding, dtype)
-    if workers == 1:
-        _run_worker(*args, on_retire, *rest)
-        return
-    lock = threading.Lock()
-
-    def serialised(*a):
-        with lock:
-            on_retire(*a)
-
-    with ThreadPoolExecutor(workers) as pool:
-        futures = [pool.submit(_run_worker, *args, serialised, *rest) for _ in range(workers)]
-        for f in futures:
-            f.result()
-
-
 def _run_worker(queue, placeholder, make_rows, S, max_depth, dim, shared_problem, t0, t1, ts,
                 rtol, atol, gtol, budget, on_retire, segment_iters, tail_slots, sharding,
                 dtype):
@@ -577,7 +520,7 @@ def _run_worker(queue, placeholder, make_rows, S, max_depth, dim, shared_problem
     _drive(slots, queue, fill, step, on_retire, tail_slots, sharding)
 
 
-def _drive(slots: Slots, queue: "_Queue", fill, step, on_retire, tail_slots: int, sharding):
+def _drive(slots: Slots, queue, fill, step, on_retire, tail_slots: int, sharding):
     """Step `slots` until `queue` is empty and every slot finished: free slots take the next
     items of `queue` (`fill(slots, place, items) -> (slots, grid indices)`), `step(slots,
     retire_at)` runs `advance`, finished slots go to `on_retire`. Once the queue is empty,
@@ -636,46 +579,3 @@ def _refill_states(slots: Slots, replace, u, xi, t, steps, save_i, saves, gid, d
     new = _slots_at(u, xi, t, steps, save_i, saves, gid, depth, problem_rows, shared_problem,
                     t1, rtol, atol)
     return _pick_slots(replace, new, slots)
-
-
-def run_implicit(rows: dict, gids, depth, problem_rows, *, shared_problem, t1, ts, rtol, atol,
-                 gtol, budget: int, on_retire, num_slots: int = 16, segment_iters: int = 256,
-                 sharding=None):
-    """Continue the handed-over trajectories `rows` (numpy, slot-first, as `on_retire`
-    gives them) with Kvaerno5, every slot with its own step size, in one array of
-    `num_slots` slots (per device; one compilation whatever the number of trajectories)
-    refilled as trajectories finish. `on_retire` as for `run_queue`."""
-    n_dev = 1 if sharding is None else sharding.mesh.size
-    q = SLOT_QUANTUM * n_dev
-    S = -(-num_slots * n_dev // q) * q
-    put, put_slots = _placer(sharding)
-    dim, T = rows["u"].shape[-1], ts.shape[0]
-    gids, depth = np.asarray(gids), np.asarray(depth)
-    if problem_rows is not None:
-        problem_rows = jax.tree_util.tree_map(np.asarray, problem_rows)
-
-    def problems(take):
-        return (None if problem_rows is None else
-                jax.tree_util.tree_map(lambda x: put(jnp.asarray(x[take])), problem_rows))
-
-    def fill(slots, place, new):  # members `new` of `rows`, from where they stopped
-        idx = np.zeros(S, np.int64)
-        idx[place] = new
-        replace = np.zeros(S, bool)
-        replace[place] = True
-        gid = np.where(replace, gids[idx], -1)
-        sel = {k: put(jnp.asarray(v[idx])) for k, v in rows.items()}
-        slots = _refill_states(
-            slots, put(jnp.asarray(replace)), sel["u"], sel["xi"], sel["t"], sel["steps"],
-            sel["save_i"], sel["saves"], put(jnp.asarray(gid, jnp.int32)),
-            put(jnp.asarray(depth[idx])), problems(idx), shared_problem, t1, rtol, atol)
-        return slots, gids[new]
-
-    def step(slots, retire_at):
-        return advance(slots, shared_problem, t1, ts, rtol, atol, gtol, jnp.asarray(budget),
-                       jnp.asarray(segment_iters), jnp.asarray(retire_at), method="kvaerno5")
-
-    slots = put_slots(empty_slots(S, rows["u"].shape[1], dim, T, rows["u"].dtype,
-                                  problems(np.zeros(S, np.int64))))
-    # no smaller tail arrays: a new Kvaerno5 shape costs a compilation
-    _drive(slots, _Queue(np.arange(len(gids))), fill, step, on_retire, S, sharding)

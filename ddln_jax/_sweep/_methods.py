@@ -22,8 +22,8 @@ class Stopped(Exception):
 
 
 class StoppableQueue:
-    """Grid indices handed out in order under a lock (as `_stepper._Queue`); `take` raises
-    `Stopped` once `stop` is set."""
+    """Grid indices handed out in order under a lock; `take` raises `Stopped` once `stop` is
+    set."""
 
     def __init__(self, order, stop: threading.Event):
         self.order, self.pos, self.stop = np.asarray(order, np.int64), 0, stop
@@ -86,8 +86,9 @@ class Methods:
 
     def explicit(self, queue, on_retire, *, budget: int, workers: int, rtol=None, atol=None,
                  ts=None):
-        """Tsit5 over `queue`'s grid points in `workers` threads (`_stepper.run_queue`, with
-        this queue): `on_retire(gids, rows, work, slot_iters)` (serialised)."""
+        """Tsit5 over `queue`'s grid points in `workers` threads, each with its own slot array
+        (`_stepper._run_worker`): `on_retire(gids, rows, work, slot_iters)` (serialised).
+        Once the queue is empty a worker's busy slots move to 4x smaller arrays."""
         lock = threading.Lock()
 
         def serialised(*a):
@@ -103,9 +104,10 @@ class Methods:
 
     def implicit(self, rows: dict, gids, depth, problem_rows, on_retire, *, budget: int,
                  num_slots: int = 16):
-        """Kvaerno5 from where the explicit stepper stopped (`_stepper.run_implicit`, with a
-        queue that can be stopped), in one thread (XLA's CPU runtime deadlocked with two
-        concurrent implicit runs)."""
+        """Kvaerno5 from where the explicit stepper stopped, every slot with its own step
+        size, in one array of `num_slots` slots per device refilled as members finish (one
+        compilation whatever their number), in one thread (XLA's CPU runtime deadlocked
+        with two concurrent implicit runs)."""
         S = -(-num_slots * self.n_dev // self.quantum) * self.quantum
         put, put_slots = _stepper._placer(self.sharding)
         gids, depth = np.asarray(gids), np.asarray(depth)
