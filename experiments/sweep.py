@@ -94,11 +94,12 @@ def _write(out: Path, res, s: dict) -> list[str]:
     t1 = s["t1"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     heatmap(axes[0], np.where(np.isfinite(s["median_time"]), s["median_time"], t1),
-            s["scales"], s["depths"], title="median time to L - L* < 1e-10", fmt="{:.3g}")
+            s["scales"], s["depths"], title="median time to L - L* < 1e-10", fmt="{:.3g}",
+            label="median time")
     # fractions on a fixed 0..1 scale (a constant panel would otherwise get an arbitrary one)
     heatmap(axes[1], s["fraction_converged"], s["scales"], s["depths"],
             title=f"fraction converged by t = {t1:g}", fmt="{:.2f}", log=False, vmin=0.0,
-            vmax=1.0)
+            vmax=1.0, label="fraction of seeds")
     for ax in axes:
         ax.set_xlabel("init scale")
         ax.set_ylabel("depth")

@@ -65,7 +65,8 @@ for i, L in enumerate(depths):
         rows = (res.depth == L) & np.isclose(res.scale, s)
         table[i, j] = np.median(sub[rows, i10])
 fig, ax = plt.subplots(figsize=(5, 3.5))
-heatmap(ax, np.maximum(table, 1e-30), scales, depths, title="median L − L* at t = 10")
+heatmap(ax, np.maximum(table, 1e-30), scales, depths, title="median L − L* at t = 10",
+        label="median L − L*")
 ax.set_xlabel("init scale")
 ax.set_ylabel("depth")
 plt.show()
