@@ -98,23 +98,11 @@ def _batched_rhs(u, mask, problem, batched: bool):
     return -excl * g[None] * mask, -g
 
 
-def _ordered_sum(x, axis: int):
-    """Sum over `axis` by adds in index order. XLA's CPU reduction over a non-slot axis
-    changes its order (hence the bits) with the slot count (from 128 slots on), which made a
-    trajectory's bits depend on the slot array it ran in."""
-    x = jnp.moveaxis(x, axis, 0)
-    total = x[0]
-    for k in range(1, x.shape[0]):
-        total = total + x[k]
-    return total
-
-
 def _norm(eu, exi, mask, real):
-    """RMS over the real layers and xi. Summed coordinate by coordinate and layer by layer,
-    in order, so that padded layers (zeros at the end) leave the result bitwise unchanged and
-    the bits do not depend on the number of slots."""
-    per_layer = _ordered_sum((eu * mask) ** 2, axis=1)  # (L, S)
-    total = _ordered_sum(exi**2, axis=0)
+    """RMS over the real layers and xi. Summed layer by layer, in order, so that padded
+    layers (zeros at the end) leave the result bitwise unchanged."""
+    per_layer = jnp.sum((eu * mask) ** 2, axis=1)  # (L, S)
+    total = jnp.sum(exi**2, axis=0)
     for j in range(per_layer.shape[0]):
         total = total + per_layer[j]
     return jnp.sqrt(total / real)
@@ -209,8 +197,8 @@ def _tsit5_stages(s: Slots, h, problem, batched):
     # Tsit5's last stage is evaluated at the new point (FSAL): b_sol = a_lower[-1]
     eu = h * sum(float(b) * k for b, k in zip(_TABLEAU.b_error, ku))
     ex = h * sum(float(b) * k for b, k in zip(_TABLEAU.b_error, kx))
-    num = _ordered_sum(_ordered_sum(((ku[-1] - ku[-2]) * s.mask) ** 2, 0), 0)
-    den = _ordered_sum(_ordered_sum(((zs[-1] - zs[-2]) * s.mask) ** 2, 0), 0)
+    num = jnp.sum(((ku[-1] - ku[-2]) * s.mask) ** 2, axis=(0, 1))
+    den = jnp.sum(((zs[-1] - zs[-2]) * s.mask) ** 2, axis=(0, 1))
     h_rho = h * jnp.sqrt(num / jnp.where(den > 0, den, 1.0)) * (den > 0)
     return zs[-1], xx, ku[-1], kx[-1], eu, ex, h_rho, jnp.ones_like(h, bool)
 
