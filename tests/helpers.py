@@ -41,3 +41,16 @@ def scipy_layers(X, y, layers0, ts, method="DOP853", rtol=1e-12, atol=1e-14):
         state = sol.y[:, -1]
         out.append(state.reshape(depth, d).copy())
     return np.stack(out)
+
+
+def scaled_problem(seed=0, n=10, d=5):
+    """`random_problem` with X / sqrt(n) (unit-scale rows for step-size experiments)."""
+    X, y = random_problem(seed, n, d)
+    return X / np.sqrt(n), y
+
+
+def layer_grad_numpy(X, y, u):
+    """grad_u of ||X prod(u) - y||^2, written out by hand."""
+    theta = np.prod(u, axis=0)
+    g = 2.0 * X.T @ (X @ theta - y)
+    return np.stack([np.prod(np.delete(u, j, axis=0), axis=0) * g for j in range(len(u))])

@@ -8,29 +8,18 @@ import jax.random as jr
 import numpy as np
 import optax
 import pytest
-from helpers import random_layers, random_problem, scipy_layers
+from helpers import layer_grad_numpy, random_layers, scaled_problem, scipy_layers
 
 import ddln_jax as dd
 
 
-def _problem(seed=0, n=10, d=5):
-    X, y = random_problem(seed, n, d)
-    return X / np.sqrt(n), y
-
-
-def _numpy_grad(X, y, u):
-    theta = np.prod(u, axis=0)
-    g = 2.0 * X.T @ (X @ theta - y)
-    return np.stack([np.prod(np.delete(u, j, axis=0), axis=0) * g for j in range(len(u))])
-
-
 def test_gd_matches_numpy_loop():
-    X, y = _problem()
+    X, y = scaled_problem()
     u = random_layers(0, 3, 5)
     traj = dd.train(u, dd.LeastSquares(X, y), 0.01, steps=50, save_every=10)
     ref = [u.copy()]
     for _ in range(50):
-        u = u - 0.01 * _numpy_grad(X, y, u)
+        u = u - 0.01 * layer_grad_numpy(X, y, u)
         ref.append(u.copy())
     np.testing.assert_allclose(traj.layers, np.stack(ref)[::10], rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(traj.ts, 0.01 * np.arange(0, 51, 10), rtol=1e-14)
@@ -39,13 +28,13 @@ def test_gd_matches_numpy_loop():
 
 def test_heavy_ball_matches_numpy_loop():
     # optax.sgd(lr, momentum=beta): m <- beta m + g, u <- u - lr m.
-    X, y = _problem(1)
+    X, y = scaled_problem(1)
     u = random_layers(1, 3, 5)
     traj = dd.train(u, dd.LeastSquares(X, y), optax.sgd(0.01, momentum=0.9), steps=40)
     m = np.zeros_like(u)
     ref = [u.copy()]
     for _ in range(40):
-        m = 0.9 * m + _numpy_grad(X, y, u)
+        m = 0.9 * m + layer_grad_numpy(X, y, u)
         u = u - 0.01 * m
         ref.append(u.copy())
     np.testing.assert_allclose(traj.layers, np.stack(ref), rtol=1e-11, atol=1e-12)
@@ -54,7 +43,7 @@ def test_heavy_ball_matches_numpy_loop():
 
 @pytest.mark.parametrize("depth", [2, 3])
 def test_gd_converges_to_flow_with_order_one(depth):
-    X, y = _problem(2)
+    X, y = scaled_problem(2)
     u0 = random_layers(2, depth, 5, scale=0.9)
     T = 4.0
     ts = np.linspace(0, T, 9)
@@ -71,7 +60,7 @@ def test_gd_converges_to_flow_with_order_one(depth):
 
 
 def test_vmap_over_step_sizes_equals_loop():
-    X, y = _problem(3)
+    X, y = scaled_problem(3)
     u0 = random_layers(3, 3, 5)
     problem = dd.LeastSquares(X, y)
     etas = jnp.array([0.005, 0.01, 0.02])
@@ -82,7 +71,7 @@ def test_vmap_over_step_sizes_equals_loop():
 
 
 def test_too_large_step_is_flagged():
-    X, y = _problem(4)
+    X, y = scaled_problem(4)
     u0 = random_layers(4, 3, 5)
     problem = dd.LeastSquares(X, y)
     eta = 100.0 / float(dd.sharpness(u0, problem, key=jr.key(0)))
@@ -99,7 +88,7 @@ def test_too_large_step_is_flagged():
 
 
 def test_sgd_full_batch_equals_gd():
-    X, y = _problem(5)
+    X, y = scaled_problem(5)
     u0 = random_layers(5, 3, 5)
     problem = dd.LeastSquares(X, y)
     gd = dd.train(u0, problem, 0.01, steps=100)
@@ -109,15 +98,15 @@ def test_sgd_full_batch_equals_gd():
 
 def test_sgd_minibatch_gradient_is_unbiased():
     # The mean of the first SGD step over many keys is the GD step (to Monte Carlo error).
-    X, y = _problem(6, n=6, d=4)
+    X, y = scaled_problem(6, n=6, d=4)
     u0 = random_layers(6, 2, 4)
     problem = dd.LeastSquares(X, y)
     step = jax.vmap(lambda k: dd.train(u0, problem, 1.0, steps=1, batch_size=2, key=k,
                                        blowup=1e30).layers[1])
     mean = np.asarray(step(jr.split(jr.key(0), 20_000))).mean(axis=0)
-    gd = u0 - _numpy_grad(X, y, u0)
+    gd = u0 - layer_grad_numpy(X, y, u0)
     # sum over all 15 subsets of the exact minibatch steps, averaged: the exact expectation
-    exact = np.mean([u0 - 3.0 * _numpy_grad(X[list(S)], y[list(S)], u0)
+    exact = np.mean([u0 - 3.0 * layer_grad_numpy(X[list(S)], y[list(S)], u0)
                      for S in itertools.combinations(range(6), 2)], axis=0)
     np.testing.assert_allclose(exact, gd, rtol=1e-12, atol=1e-12)
     assert np.max(np.abs(mean - gd)) < 0.05 * np.max(np.abs(gd - u0))
@@ -125,7 +114,7 @@ def test_sgd_minibatch_gradient_is_unbiased():
 
 @pytest.mark.parametrize("depth", [2, 3])
 def test_sharpness_is_top_hessian_eigenvalue(depth):
-    X, y = _problem(7)
+    X, y = scaled_problem(7)
     u0 = random_layers(7, depth, 5)
     problem = dd.LeastSquares(X, y)
     H = jax.hessian(lambda u: problem.loss(dd.theta(u)))(jnp.asarray(u0))
@@ -148,7 +137,7 @@ def test_sharpness_when_the_negative_eigenvalue_dominates():
 
 
 def test_bad_inputs():
-    X, y = _problem()
+    X, y = scaled_problem()
     problem = dd.LeastSquares(X, y)
     u0 = random_layers(0, 3, 5)
     with pytest.raises(ValueError, match="multiple of `save_every`"):

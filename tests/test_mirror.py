@@ -129,10 +129,3 @@ def test_mirror_map_requires_assumption_a():
     with pytest.raises(ValueError, match="Assumption \\(A\\)"):
         dd.MirrorMap.from_layers(u0)
 
-
-def _sparse_problem(seed=0, n=5, d=10):
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((n, d))
-    truth = np.zeros(d)
-    truth[[1, 6]] = [1.5, -2.0]
-    return X, X @ truth

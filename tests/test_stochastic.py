@@ -7,31 +7,27 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-from helpers import layer_rhs_numpy, random_layers, random_problem, scipy_layers
+from helpers import (
+    layer_grad_numpy,
+    layer_rhs_numpy,
+    random_layers,
+    random_problem,
+    scaled_problem,
+    scipy_layers,
+)
 from scipy.integrate import solve_ivp
 
 import ddln_jax as dd
 from ddln_jax._stochastic import noise_factor
 
 
-def _problem(seed=0, n=10, d=5):
-    X, y = random_problem(seed, n, d)
-    return X / np.sqrt(n), y
-
-
-def _numpy_grad(X, y, u):
-    theta = np.prod(u, axis=0)
-    g = 2.0 * X.T @ (X @ theta - y)
-    return np.stack([np.prod(np.delete(u, j, axis=0), axis=0) * g for j in range(len(u))])
-
-
 def test_noise_covariance_is_minibatch_covariance():
     # B B^T = eta Cov(minibatch gradient), by enumerating every subset of b rows.
     n, b, eta = 6, 2, 0.3
-    X, y = _problem(9, n=n, d=4)
+    X, y = scaled_problem(9, n=n, d=4)
     u0 = random_layers(9, 3, 4)
     grads = np.array([
-        (n / b) * _numpy_grad(X[list(S)], y[list(S)], u0).ravel()
+        (n / b) * layer_grad_numpy(X[list(S)], y[list(S)], u0).ravel()
         for S in itertools.combinations(range(n), b)
     ])
     cov = np.cov(grads.T, bias=True)
@@ -42,7 +38,7 @@ def test_noise_covariance_is_minibatch_covariance():
 
 @pytest.mark.parametrize("noiseless", ["eta0", "full_batch"])
 def test_noiseless_sde_is_gradient_flow(noiseless):
-    X, y = _problem(10)
+    X, y = scaled_problem(10)
     u0 = random_layers(10, 3, 5)
     ts = np.linspace(0, 3, 7)
     ref = np.prod(scipy_layers(X, y, u0, ts), axis=1)
@@ -59,7 +55,7 @@ def test_noiseless_sde_is_gradient_flow(noiseless):
 
 
 def test_sde_same_key_same_path_and_noise_moves_it():
-    X, y = _problem(11)
+    X, y = scaled_problem(11)
     u0 = random_layers(11, 2, 5)
     problem = dd.LeastSquares(X, y)
     kw = dict(eta=0.01, t1=1.0, ts=jnp.linspace(0, 1, 5), dt=0.01)
@@ -94,7 +90,7 @@ def test_stochastic_flow_is_sparser_than_gradient_flow():
 
 
 def test_momentum_flow_matches_scipy():
-    X, y = _problem(12)
+    X, y = scaled_problem(12)
     u0 = random_layers(12, 3, 5)
     gamma = 2.0
     ts = np.linspace(0, 4, 9)
@@ -115,7 +111,7 @@ def test_momentum_flow_matches_scipy():
 def test_overdamped_momentum_flow_is_rescaled_gradient_flow():
     # u'' + gamma u' = -grad L: with s = t / gamma, u_ss / gamma^2 + u_s = -grad L, so
     # u(gamma s) -> u_GF(s) with an error O(1 / gamma^2).
-    X, y = _problem(13)
+    X, y = scaled_problem(13)
     u0 = random_layers(13, 3, 5)
     ts = np.linspace(0, 3, 7)
     ref = np.prod(scipy_layers(X, y, u0, ts), axis=1)
