@@ -1,5 +1,9 @@
 """Independent references for the tests: numpy/scipy only, no ddln_jax code."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 from scipy.integrate import solve_ivp
 
@@ -54,3 +58,11 @@ def layer_grad_numpy(X, y, u):
     theta = np.prod(u, axis=0)
     g = 2.0 * X.T @ (X @ theta - y)
     return np.stack([np.prod(np.delete(u, j, axis=0), axis=0) * g for j in range(len(u))])
+
+
+def run_float32(code: str, cwd) -> list[str]:
+    """Run `code` in a fresh Python with float64 off (conftest turns it on in the test
+    process, and x64 cannot be switched off there); returns its stdout split in words."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "JAX_ENABLE_X64": "0"}, cwd=cwd, check=True)
+    return out.stdout.split()

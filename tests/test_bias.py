@@ -1,12 +1,9 @@
 """Implicit bias: the dual Newton prediction against long flows, KKT conditions and LPs."""
 
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from helpers import random_layers, random_problem
+from helpers import random_layers, random_problem, run_float32
 
 import ddln_jax as dd
 
@@ -173,6 +170,4 @@ def test_float32_converged_is_honest(tmp_path):
         "print(ib.theta.dtype, bool(ib.converged), r > 1e-12 * (1 + np.linalg.norm(y)),\n"
         "      any('float64' in str(m.message) for m in w))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "JAX_ENABLE_X64": "0"}, cwd=tmp_path, check=True)
-    assert out.stdout.split() == ["float32", "False", "True", "True"]
+    assert run_float32(code, tmp_path) == ["float32", "False", "True", "True"]

@@ -1,6 +1,3 @@
-import os
-import subprocess
-import sys
 
 import equinox as eqx
 import jax
@@ -8,7 +5,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
-from helpers import random_layers, random_problem, scipy_layers
+from helpers import random_layers, random_problem, run_float32, scipy_layers
 from scipy.integrate import solve_ivp
 
 import ddln_jax as dd
@@ -251,9 +248,7 @@ def test_float32_tolerances_warn(tmp_path):
         "dd.LeastSquares(X, X @ np.ones(3)), t1=1.0, ts=jnp.linspace(0, 1, 3))\n"
         "print(traj.theta.dtype, any('float32 resolution' in str(m.message) for m in w))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "JAX_ENABLE_X64": "0"}, cwd=tmp_path, check=True)
-    assert out.stdout.split() == ["float32", "True"]
+    assert run_float32(code, tmp_path) == ["float32", "True"]
 
 
 @pytest.mark.parametrize("t1", [50.0, 3e4, 1234.567])
