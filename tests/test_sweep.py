@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ddln_jax as dd
-from ddln_jax import _stepper
+from ddln_jax._sweep import _advance
 
 
 def _problem():
@@ -95,7 +95,7 @@ def test_kill_and_resume(tmp_path):
 def test_no_retrace_across_chunks():
     p = _problem()
     dd.sweep(p, **KW)
-    caches = (_stepper.advance._cached, _stepper.refill._cached)
+    caches = (_advance.advance._cached, _advance.refill._cached)
     before = [c._cache_size() for c in caches]
     # another grid of the same size: new depths, scales and seeds, more slot refills
     dd.sweep(p, **{**KW, "depths": [2, 4, 5], "scales": [0.7, 1.1], "seeds": [5, 6],
@@ -167,6 +167,30 @@ def test_same_arguments_same_bits_with_threads():
     b = dd.sweep(p, **kw)
     np.testing.assert_array_equal(a.theta, b.theta)
     np.testing.assert_array_equal(a.num_steps, b.num_steps)
+
+
+def _logistic_per_seed(seed):
+    k = jr.fold_in(jr.key(5), seed)
+    X = jr.normal(k, (12, 8))
+    return dd.Logistic(X, jnp.sign(X @ jr.normal(jr.fold_in(k, 1), (8,))))
+
+
+@pytest.mark.parametrize("case", ["gram", "two_stage", "per_seed_logistic"])
+def test_slot_array_size_does_not_change_bits(case):
+    # depth 6, dim 8: the same 128 trajectories in one 128-slot array and in 48-slot arrays
+    # (refilled as they finish) give the same bits. XLA's own reductions and matmuls change
+    # their order with the array size (from 128 slots on): before the ordered sums, 50 of
+    # these rows took other steps.
+    kx, ky = jr.split(jr.key(3))
+    n = {"gram": 10, "two_stage": 3, "per_seed_logistic": 12}[case]
+    p = (_logistic_per_seed if case == "per_seed_logistic"
+         else dd.LeastSquares(jr.normal(kx, (n, 8)), jr.normal(ky, (n,))))
+    kw = dict(depths=[6], scales=[0.75, 1.25], seeds=64, t1=4.0, ts=jnp.linspace(0, 4.0, 5),
+              progress=False, key=jr.key(0), workers=1, max_chunk=128)
+    small = dd.sweep(p, max_slots=48, **kw)
+    large = dd.sweep(p, max_slots=128, **kw)
+    np.testing.assert_array_equal(small.num_steps, large.num_steps)
+    np.testing.assert_array_equal(small.theta, large.theta)
 
 
 def test_pilot_order_and_slot_migration_do_not_change_results():

@@ -1,15 +1,20 @@
-"""The sweep's two stepping methods over slot arrays (`_stepper`): the fused explicit Tsit5
-in worker threads and the structured Kvaerno5 for stiff members, both fed by a queue that
-can be stopped (an interrupt takes effect at the end of the current segment of stepping)."""
+"""The sweep's stepping over slot arrays (`_slots`, `_advance`, `_drive`): by default the
+fused explicit Tsit5 in worker threads and the structured Kvaerno5 for stiff members; with a
+diffrax solver (`_diffrax_method`), that solver throughout. Every phase is fed by a queue
+that can be stopped (an interrupt takes effect at the end of the current segment of
+stepping)."""
 
 import threading
 
+import diffrax as dfx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _stepper
-from .._stepper import SLOT_QUANTUM, advance, empty_slots
+from ._advance import KVAERNO5, TSIT5, _refill_states, advance
+from ._diffrax_method import diffrax_method
+from ._drive import _drive, _run_worker
+from ._slots import SLOT_QUANTUM, _placer, empty_slots
 
 # iterations per call of the Kvaerno5 stepping: a Kvaerno5 step costs ~50 explicit ones, so
 # shorter segments than the explicit 256 keep an interrupt's latency ~1 s (the results do
@@ -73,22 +78,30 @@ def run_threads(fns, stop: threading.Event) -> None:
 
 
 class Methods:
-    """Everything the stepping needs about a sweep; `explicit` and `implicit` run a queue."""
+    """Everything the stepping needs about a sweep; `explicit` and `implicit` run a queue.
+
+    `solver`: None (the fused Tsit5, stiff members handed to the structured Kvaerno5), or
+    a diffrax solver or its name (`_diffrax_method`): that solver for every member, with no
+    hand-over; `implicit` then only passes on the members that failed or ran out of steps."""
 
     def __init__(self, *, make_rows, max_depth, dim, shared, t0, t1, ts, rtol, atol, gtol,
-                 sharding, workers: int, slots: int, stop: threading.Event):
+                 sharding, workers: int, slots: int, stop: threading.Event, solver=None,
+                 stats=None):
         self.make_rows, self.max_depth, self.dim, self.shared = make_rows, max_depth, dim, shared
         self.t0, self.t1, self.ts, self.gtol = t0, t1, ts, gtol
         self.rtol, self.atol = jnp.asarray(rtol, float), jnp.asarray(atol, float)
         self.sharding, self.workers, self.slots, self.stop = sharding, workers, slots, stop
         self.n_dev = 1 if sharding is None else sharding.mesh.size
         self.quantum = SLOT_QUANTUM * self.n_dev
+        self.method = None if solver is None else diffrax_method(solver)
+        self.stats = stats  # `_drive.Stats` or None
 
     def explicit(self, queue, on_retire, *, budget: int, workers: int, rtol=None, atol=None,
                  ts=None):
-        """Tsit5 over `queue`'s grid points in `workers` threads, each with its own slot array
-        (`_stepper._run_worker`): `on_retire(gids, rows, work, slot_iters)` (serialised).
-        Once the queue is empty a worker's busy slots move to 4x smaller arrays."""
+        """The fused Tsit5 (or the diffrax method) over `queue`'s grid points in `workers`
+        threads, each with its own slot array (`_run_worker`): `on_retire(gids, rows, work,
+        slot_iters)` (serialised). Once the queue is empty a worker's busy slots move to one
+        8x smaller array. An implicit diffrax solver runs in one thread (see `implicit`)."""
         lock = threading.Lock()
 
         def serialised(*a):
@@ -97,19 +110,30 @@ class Methods:
 
         rtol = self.rtol if rtol is None else jnp.asarray(rtol, float)
         atol = self.atol if atol is None else jnp.asarray(atol, float)
-        args = (queue, 0, self.make_rows, self.slots // self.workers, self.max_depth, self.dim,
+        implicit = self.method is not None and isinstance(self.method.solver,
+                                                          dfx.AbstractImplicitSolver)
+        args = (self.make_rows, self.slots // self.workers, self.max_depth, self.dim,
                 self.shared, self.t0, self.t1, self.ts if ts is None else ts, rtol, atol,
-                self.gtol, budget, serialised, 256, self.quantum, self.sharding, jnp.float64)
-        run_threads([lambda: _stepper._run_worker(*args)] * max(1, workers), self.stop)
+                self.gtol, budget, serialised, _IMPLICIT_SEGMENT if implicit else 256,
+                self.quantum, self.sharding, jnp.float64)
+        method = TSIT5 if self.method is None else self.method
+        run_threads([lambda: _run_worker(queue, 0, *args, method, self.stats)]
+                    * (1 if implicit else max(1, workers)), self.stop)
 
     def implicit(self, rows: dict, gids, depth, problem_rows, on_retire, *, budget: int,
                  num_slots: int = 16):
         """Kvaerno5 from where the explicit stepper stopped, every slot with its own step
         size, in one array of `num_slots` slots per device refilled as members finish (one
         compilation whatever their number), in one thread (XLA's CPU runtime deadlocked
-        with two concurrent implicit runs)."""
+        with two concurrent implicit runs).
+
+        With a diffrax solver there is no hand-over: the members (failed or out of steps)
+        are retired as they are."""
+        if self.method is not None:
+            on_retire(np.asarray(gids), rows, 0, 0)
+            return
         S = -(-num_slots * self.n_dev // self.quantum) * self.quantum
-        put, put_slots = _stepper._placer(self.sharding)
+        put, put_slots = _placer(self.sharding)
         gids, depth = np.asarray(gids), np.asarray(depth)
         if problem_rows is not None:
             problem_rows = jax.tree_util.tree_map(np.asarray, problem_rows)
@@ -125,7 +149,7 @@ class Methods:
             replace[place] = True
             gid = np.where(replace, gids[idx], -1)
             sel = {k: put(jnp.asarray(v[idx])) for k, v in rows.items()}
-            slots = _stepper._refill_states(
+            slots = _refill_states(
                 slots, put(jnp.asarray(replace)), sel["u"], sel["xi"], sel["t"], sel["steps"],
                 sel["save_i"], sel["saves"], put(jnp.asarray(gid, jnp.int32)),
                 put(jnp.asarray(depth[idx])), problems(idx), self.shared, self.t1, self.rtol,
@@ -135,12 +159,12 @@ class Methods:
         def step(slots, retire_at):
             return advance(slots, self.shared, self.t1, self.ts, self.rtol, self.atol, self.gtol,
                            jnp.asarray(budget), jnp.asarray(_IMPLICIT_SEGMENT),
-                           jnp.asarray(retire_at), method="kvaerno5")
+                           jnp.asarray(retire_at), KVAERNO5)
 
         def run():
             slots = put_slots(empty_slots(S, rows["u"].shape[1], self.dim, self.ts.shape[0],
                                           rows["u"].dtype, problems(np.zeros(S, np.int64))))
             queue = StoppableQueue(np.arange(len(gids)), self.stop)
-            _stepper._drive(slots, queue, fill, step, on_retire, S, self.sharding)
+            _drive(slots, queue, fill, step, on_retire, S, self.sharding, self.stats)
 
         run_threads([run], self.stop)

@@ -1,60 +1,111 @@
 """`SweepResult`: a sweep's rows in grid order, assembled from its chunks (complete or not),
 and its conversions (pandas, xarray, netCDF)."""
 
+import dataclasses
 import json
 from pathlib import Path
 
 import equinox as eqx
 import numpy as np
+from jaxtyping import Bool, Float, Int
 
 from ._rows import DERIVED, RAW
 from ._store import MANIFEST, Store
 
+# what each shared axis is, for the errors of `SweepResult.__check_init__`
+_AXES = {
+    "B": "every per-row field holds one row per grid point (select rows of all fields at once)",
+    "T": "`theta` and `loss` hold one column per save time in `ts`",
+    "dim": "`theta`, `theta_final` and `layers0` share the coordinate axis",
+}
 _SCALARS = ["depth", "scale", "seed", "done", "num_steps", "ok", "result", "t_final",
             "implicit", "sigma", "rate", "theorem2_rate", "chunk"]
 
 
 class SweepResult(eqx.Module):
     """Labelled results of `sweep` or `load_sweep`, one row per grid point (order: depth, then
-    scale, then seed).
+    scale, then seed). Arrays are numpy (others are converted); B is the number of grid
+    points, T the number of save times, `dim` the number of coordinates.
 
-    Arrays: `depth, scale, seed (B,)`, `ts (T,)`, `theta (B, T, dim)`, `loss (B, T)`,
-    `theta_final (B, dim)`, `num_steps, ok, result, t_final (B,)`, `implicit (B,)` (finished by
-    the Kvaerno5 phase: stiff members), `sigma (B,)` (eq 13), `rate (B,)` (empirical
-    exponential rate, least squares only), `theorem2_rate (B,)` (2 sigma mu), `layers0 (B,
-    max_depth, dim)` (rows past a grid point's depth are NaN: use `initial_layers(b)`),
-    `chunk (B,)` (its work unit), `done (B,)` (False: not computed yet, the row is NaN / -1 /
-    False). `efficiency (num_chunks,)`: lockstep efficiency (slot-steps / slot-iterations) of
-    the stepping recorded with each chunk (from the previous chunk written by its process to
-    it), `overall_efficiency` the same over all chunks (a resumed run's also counts the
-    stepping of the trajectories in flight at the interrupt, done again). `info`: the
-    sweep's settings (times, tolerances, init, chunk size) and the versions that ran it.
+    **Fields:**
+
+    - `depth`, `scale`, `seed`: the grid point of each row.
+    - `ts`: the save times.
+    - `theta`, `loss`: theta and the loss at `ts`; `theta_final`: theta at the last of them.
+    - `num_steps`, `ok`, `result`, `t_final`: as in `Trajectory`.
+    - `implicit`: finished by the Kvaerno5 phase (stiff members).
+    - `sigma`: sigma of the initial layers (eq 13); `rate`: the empirical exponential rate
+        (least squares only); `theorem2_rate`: 2 sigma mu.
+    - `layers0`: the initial layers, `max(depths)` rows each (rows past a grid point's depth
+        are NaN: use `initial_layers(b)`).
+    - `chunk`: the work unit of each row; `done`: False where the row is not computed yet
+        (its values are NaN / -1 / False).
+    - `efficiency`: per chunk, the lockstep efficiency (slot-steps / slot-iterations) of the
+        stepping recorded with it (from the previous chunk written by its process to it);
+        `overall_efficiency`: the same over all chunks (a resumed run's also counts the
+        stepping of the trajectories in flight at the interrupt, done again).
+    - `info`: the sweep's settings (times, tolerances, init, chunk size) and the versions
+        that ran it; from `sweep` also this call's host-loop counters: `host_syncs`,
+        `bytes_to_host`, `rows_to_host` (gathered rows, buffer padding included),
+        `retirements`, `iterations`, `stepping_calls` and
+        `slot_array_sizes`.
+
+    **Raises:** `ValueError` when built with fields whose dtypes or axes disagree (one row
+    per grid point in every per-row field, `T = len(ts)`, one `efficiency` per chunk).
     """
 
-    depth: np.ndarray
-    scale: np.ndarray
-    seed: np.ndarray
-    ts: np.ndarray
-    theta: np.ndarray
-    loss: np.ndarray
-    theta_final: np.ndarray
-    num_steps: np.ndarray
-    ok: np.ndarray
-    result: np.ndarray
-    t_final: np.ndarray
-    implicit: np.ndarray
-    sigma: np.ndarray
-    rate: np.ndarray
-    theorem2_rate: np.ndarray
-    layers0: np.ndarray
-    chunk: np.ndarray
-    done: np.ndarray
-    efficiency: np.ndarray
+    depth: Int[np.ndarray, " B"] = eqx.field(converter=np.asarray)
+    scale: Float[np.ndarray, " B"] = eqx.field(converter=np.asarray)
+    seed: Int[np.ndarray, " B"] = eqx.field(converter=np.asarray)
+    ts: Float[np.ndarray, " T"] = eqx.field(converter=np.asarray)
+    theta: Float[np.ndarray, "B T dim"] = eqx.field(converter=np.asarray)
+    loss: Float[np.ndarray, "B T"] = eqx.field(converter=np.asarray)
+    theta_final: Float[np.ndarray, "B dim"] = eqx.field(converter=np.asarray)
+    num_steps: Int[np.ndarray, " B"] = eqx.field(converter=np.asarray)
+    ok: Bool[np.ndarray, " B"] = eqx.field(converter=np.asarray)
+    result: Int[np.ndarray, " B"] = eqx.field(converter=np.asarray)
+    t_final: Float[np.ndarray, " B"] = eqx.field(converter=np.asarray)
+    implicit: Bool[np.ndarray, " B"] = eqx.field(converter=np.asarray)
+    sigma: Float[np.ndarray, " B"] = eqx.field(converter=np.asarray)
+    rate: Float[np.ndarray, " B"] = eqx.field(converter=np.asarray)
+    theorem2_rate: Float[np.ndarray, " B"] = eqx.field(converter=np.asarray)
+    layers0: Float[np.ndarray, "B max_depth dim"] = eqx.field(converter=np.asarray)
+    chunk: Int[np.ndarray, " B"] = eqx.field(converter=np.asarray)
+    done: Bool[np.ndarray, " B"] = eqx.field(converter=np.asarray)
+    efficiency: Float[np.ndarray, " chunks"] = eqx.field(converter=np.asarray)
     overall_efficiency: float
     info: dict
 
-    def initial_layers(self, b: int) -> np.ndarray:
-        """The initial layers `(depth, dim)` of grid point `b`."""
+    def __check_init__(self):
+        first = {}  # axis name -> (field, size) where it was first seen
+        for f in dataclasses.fields(self):
+            if not hasattr(f.type, "dim_str"):
+                continue
+            x, axes = getattr(self, f.name), f.type.dim_str.split()
+            if not isinstance(x, f.type):
+                kind = f.type.dtype.__name__.lower()
+                raise ValueError(
+                    f"`SweepResult.{f.name}` must be a {len(axes)}-D {kind} array "
+                    f"({', '.join(axes)}), got dtype {x.dtype}, shape {x.shape}: convert it "
+                    f"(`np.asarray(x, {kind})`) or reshape it (B grid points, T = len(ts), dim "
+                    "coordinates).")
+            for axis, n in zip(axes, x.shape):
+                other, m = first.setdefault(axis, (f.name, n))
+                if n != m:
+                    raise ValueError(
+                        f"`SweepResult.{f.name}` has {axis} = {n} (shape {x.shape}) but "
+                        f"`{other}` has {axis} = {m}: {_AXES.get(axis, 'make them agree')}.")
+        if self.depth.size and self.layers0.shape[1] < self.depth.max():
+            raise ValueError(
+                f"`SweepResult.layers0` has {self.layers0.shape[1]} layer rows but `depth` "
+                f"goes up to {self.depth.max()}: pad it with NaN rows to `max(depth)` rows.")
+        if self.chunk.size and self.chunk.max() >= self.efficiency.size:
+            raise ValueError(
+                f"`SweepResult.chunk` holds chunk {self.chunk.max()} but `efficiency` has "
+                f"{self.efficiency.size} entries: it needs one per chunk, indexed by `chunk`.")
+
+    def initial_layers(self, b: int) -> Float[np.ndarray, "depth dim"]:
+        """The initial layers of grid point `b` (its first `depth[b]` rows of `layers0`)."""
         return self.layers0[b, : int(self.depth[b])]
 
     def to_dict(self) -> dict:
@@ -125,23 +176,24 @@ def _empty(spec: dict) -> dict:
                 rate=f(B, np.nan), theorem2_rate=f(B, np.nan), layers0=f((B, Lmax, d), np.nan))
 
 
-def _merge(spec: dict, parts) -> tuple[dict, np.ndarray]:
-    """The rows of `parts` in grid order; an exact duplicate is dropped, a conflicting one
-    raises."""
+def _merge(spec: dict, parts) -> tuple[dict, Bool[np.ndarray, " B"]]:
+    """The rows of `parts` in grid order, filled one field of one chunk at a time (chunk
+    files are read lazily); an exact duplicate is dropped, a conflicting one raises."""
     rows = _empty(spec)
     source = np.full(len(rows["index"]), -1)
     for k, (name, part) in enumerate(parts):
         idx = np.asarray(part["index"])
-        for j in np.flatnonzero(source[idx] >= 0):
-            g = idx[j]
-            same = all(np.array_equal(rows[f][g], part[f][j], equal_nan=True)
-                       for f in RAW + DERIVED)
-            if not same:
-                raise ValueError(
-                    f"conflicting results for grid point {g} in {parts[source[g]][0]!r} and "
-                    f"{name!r}: the folder mixes different runs; delete one of the files.")
+        dup = np.flatnonzero(source[idx] >= 0)
         for f in RAW + DERIVED:
-            rows[f][idx] = part[f]
+            values = part[f]
+            for j in dup:
+                if not np.array_equal(rows[f][idx[j]], values[j], equal_nan=True):
+                    raise ValueError(
+                        f"conflicting results for grid point {idx[j]} in "
+                        f"{parts[source[idx[j]]][0]!r} and {name!r}: the folder mixes "
+                        "different runs; delete one of the files.")
+            rows[f][idx] = values
+            del values
         source[idx] = k
     return rows, source >= 0
 
@@ -187,4 +239,15 @@ def load_sweep(out) -> SweepResult:
     path = Path(out) / MANIFEST
     if not path.exists():
         raise FileNotFoundError(f"no sweep in {str(out)!r} (no {MANIFEST}).")
-    return assemble(json.loads(path.read_text()), Store(out, "load", 0.0).parts())
+    return assemble_from(json.loads(path.read_text()), Store(out, "load", 0.0))
+
+
+def assemble_from(manifest: dict, store: Store, tries: int = 5) -> SweepResult:
+    """`assemble` of the chunks in `store`, listed again if a partial chunk file listed
+    disappears while it is read (its chunk completed meanwhile, in another process)."""
+    for k in range(tries):
+        try:
+            return assemble(manifest, store.parts())
+        except FileNotFoundError:
+            if k == tries - 1:
+                raise

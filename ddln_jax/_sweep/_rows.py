@@ -1,18 +1,21 @@
 """Grid points to slot inputs, and finished slots to result rows (initial layers, sigma,
 loss, rates): the per-row maths of a sweep, on arrays."""
 
+from collections.abc import Callable
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from .._geometry import empirical_rate, sigma
 from .._loss import as_problem
 from .._network import INITS as INITS
 from .._network import init_padded
-from .._stepper import BUDGET, CONVERGED, DONE, FAILED
 from .._trajectory import Result
+from ._slots import BUDGET, CONVERGED, DONE, FAILED
 
 # the raw fields of a finished row (what the stepper gives), and the derived ones
 RAW = ("index", "theta", "num_steps", "ok", "result", "t_final", "implicit")
@@ -20,9 +23,13 @@ DERIVED = ("loss", "sigma", "rate", "theorem2_rate", "layers0")
 
 
 @eqx.filter_jit
-def make_rows(gids, gd, gs, gr, key, max_depth, dim, init, problem_fn):
-    """Initial layers (padded), depths and (for a seed -> problem function) the problems of
-    the grid points `gids`."""
+def make_rows(gids: Int[Array, " n"], gd: Int[Array, " B"], gs: Float[Array, " B"],
+              gr: Int[Array, " B"], key: PRNGKeyArray, max_depth: int, dim: int, init: str,
+              problem_fn: Callable | None
+              ) -> tuple[Float[Array, "n max_depth dim"], Int[Array, " n"], PyTree | None]:
+    """Initial layers (padded to `max_depth` rows), depths and (for a seed -> problem
+    function) the problems of the grid points `gids`, from the grid's depths `gd`, scales
+    `gs` and seeds `gr`."""
     keys = jax.vmap(lambda r: jr.fold_in(key, r))(gr[gids])
     u0 = jax.vmap(lambda k, d, sc: init_padded(k, d, max_depth, dim, sc, init))(
         keys, gd[gids], gs[gids])
@@ -31,8 +38,13 @@ def make_rows(gids, gd, gs, gr, key, max_depth, dim, init, problem_fn):
 
 
 @eqx.filter_jit
-def _post(theta, u0, depth, seeds, shared, problem_fn, least_squares: bool):
-    """Loss, suboptimality (least squares), sigma and PL constants of grid points."""
+def _post(theta: Float[Array, "n T dim"], u0: Float[Array, "n max_depth dim"],
+          depth: Int[Array, " n"], seeds: Int[Array, " n"], shared: PyTree | None,
+          problem_fn: Callable | None, least_squares: bool
+          ) -> tuple[Float[Array, "n T"], Float[Array, "n T"], Float[Array, " n"],
+                     Float[Array, " n"]]:
+    """Loss, suboptimality (least squares; else the loss), sigma and PL constant (least
+    squares; else NaN) of grid points."""
     if problem_fn is None:
         probs, axis = shared, None
     else:
@@ -50,8 +62,9 @@ def _post(theta, u0, depth, seeds, shared, problem_fn, least_squares: bool):
     return loss, sub, sig, mu
 
 
-def derived(raw: dict, u0, depth, seeds, shared, problem_fn, least_squares: bool,
-            ts, size: int) -> dict:
+def derived(raw: dict, u0: Float[np.ndarray, "n max_depth dim"], depth: Int[np.ndarray, " n"],
+            seeds: Int[np.ndarray, " n"], shared: PyTree | None, problem_fn: Callable | None,
+            least_squares: bool, ts: Float[np.ndarray, " T"], size: int) -> dict:
     """`raw` with the derived fields added (loss, sigma, rates, initial layers). The rows are
     padded to `size` (the chunk size) for the compiled part: one compilation per sweep."""
     n = len(raw["index"])
@@ -75,8 +88,10 @@ def derived(raw: dict, u0, depth, seeds, shared, problem_fn, least_squares: bool
                 layers0=np.asarray(u0))
 
 
-def finish_rows(gids, rows, tsn, t1):
-    """Explicit results to sweep rows: saves after a steady-state stop hold the final state."""
+def finish_rows(gids: Int[np.ndarray, " n"], rows: dict, tsn: Float[np.ndarray, " T"],
+                t1: Float[Array, ""]) -> dict:
+    """Explicit results to sweep rows (the `RAW` fields): saves after a steady-state stop hold
+    the final state. `rows`: the retired slots of `gids`, as `_drive` gives them."""
     theta = rows["saves"].copy()
     final = np.prod(rows["u"], axis=1)
     after = np.arange(theta.shape[1])[None, :] >= rows["save_i"][:, None]
@@ -89,8 +104,9 @@ def finish_rows(gids, rows, tsn, t1):
                 implicit=np.zeros(len(gids), bool))
 
 
-def implicit_finish(gids, out, tsn, t1):
-    """Result rows of trajectories finished by Kvaerno5."""
+def implicit_finish(gids: Int[np.ndarray, " n"], out: dict, tsn: Float[np.ndarray, " T"],
+                    t1: Float[Array, ""]) -> dict:
+    """Result rows (the `RAW` fields) of trajectories finished by Kvaerno5."""
     ok = (out["status"] == DONE) | (out["status"] == CONVERGED)
     res = finish_rows(gids, out, tsn, t1)
     res["ok"] = ok

@@ -14,9 +14,9 @@ import time
 
 import numpy as np
 
-from .._stepper import CONVERGED, DONE
 from ._methods import StoppableQueue, Stopped
 from ._rows import RAW, finish_rows, implicit_finish
+from ._slots import CONVERGED, DONE
 
 
 class Book:

@@ -20,7 +20,9 @@ import threading
 import time
 import uuid
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -33,7 +35,7 @@ def _chunk_name(c: int, partial: bool = False) -> str:
     return f"chunk_{c:05d}{'.partial' if partial else ''}.npz"
 
 
-def write_atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """`write(file)` into a temporary file next to `path`, then move it to `path`."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -47,7 +49,8 @@ def write_atomic(path: Path, write) -> None:
             tmp.unlink()
 
 
-def read_npz(path: Path) -> dict:
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an `.npz` file; `ValueError` naming the file if it is not readable."""
     try:
         with np.load(path) as f:
             return {k: f[k] for k in f.files}
@@ -57,10 +60,36 @@ def read_npz(path: Path) -> dict:
         raise ValueError(f"cannot read sweep chunk {str(path)!r}: {e}") from e
 
 
+class LazyChunk(Mapping):
+    """The arrays of one chunk file, each read from disk when indexed."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        try:
+            with np.load(self.path) as f:
+                if key not in f.files:
+                    raise KeyError(key)
+                return f[key]
+        except (FileNotFoundError, KeyError):
+            raise
+        except Exception as e:  # a file not written by `write_atomic` (e.g. a partial copy)
+            raise ValueError(f"cannot read sweep chunk {str(self.path)!r}: {e}") from e
+
+    def __iter__(self):
+        with np.load(self.path) as f:
+            return iter(list(f.files))
+
+    def __len__(self) -> int:
+        with np.load(self.path) as f:
+            return len(f.files)
+
+
 class Store:
     """The results folder `path` (None: kept in memory, one process, no leases)."""
 
-    def __init__(self, path, owner: str, lease_timeout: float):
+    def __init__(self, path: str | os.PathLike | None, owner: str, lease_timeout: float):
         self.path = None if path is None else Path(path)
         self.owner, self.lease_timeout = owner, float(lease_timeout)
         self.held: dict[int, str] = {}  # chunk -> lease token
@@ -123,7 +152,7 @@ class Store:
         name = _chunk_name(c)
         return name in self.memory if self.path is None else (self.path / name).exists()
 
-    def write_chunk(self, c: int, arrays: dict, partial: bool = False) -> None:
+    def write_chunk(self, c: int, arrays: dict[str, np.ndarray], partial: bool = False) -> None:
         name = _chunk_name(c, partial)
         if self.path is None:
             self.memory[name] = arrays
@@ -132,7 +161,7 @@ class Store:
         if not partial:
             self.remove(_chunk_name(c, True))
 
-    def read_partial(self, c: int) -> dict | None:
+    def read_partial(self, c: int) -> dict[str, np.ndarray] | None:
         name = _chunk_name(c, True)
         if self.path is None:
             return self.memory.get(name)
@@ -145,23 +174,24 @@ class Store:
         else:
             (self.path / name).unlink(missing_ok=True)
 
-    def parts(self, fields=None) -> list[tuple[str, dict]]:
-        """Every complete chunk, and the partial ones of chunks not complete (optionally only
-        `fields`), as (file name, arrays)."""
+    def parts(self, fields: Sequence[str] | None = None) -> list[tuple[str, Mapping]]:
+        """Every complete chunk, and the partial ones of chunks not complete, as (file name,
+        arrays by field). Chunk files are read lazily, one field at a time when it is indexed
+        (so merging them holds one field of one chunk besides the result); with `fields`,
+        those are read at once."""
         names = sorted(self.memory) if self.path is None else sorted(
             p.name for p in self.path.glob("chunk_*.npz") if _CHUNK.fullmatch(p.name))
         out = []
         for name in names:
             if name.endswith(".partial.npz") and name.replace(".partial", "") in names:
                 continue  # superseded (a crash between writing the chunk and this removal)
+            if self.path is None:
+                arrays = self.memory[name]
+            else:
+                arrays = LazyChunk(self.path / name)
             try:
-                if self.path is None:
-                    arrays = self.memory[name]
-                elif fields is None:
-                    arrays = read_npz(self.path / name)
-                else:
-                    with np.load(self.path / name) as f:
-                        arrays = {k: f[k] for k in fields}
+                if fields is not None:
+                    arrays = {k: arrays[k] for k in fields}
             except FileNotFoundError:  # a partial chunk completed since the listing
                 continue
             out.append((name, arrays))

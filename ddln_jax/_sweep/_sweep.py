@@ -11,6 +11,7 @@ import threading
 import uuid
 
 import diffrax as dfx
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -19,12 +20,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from .._loss import LeastSquares, as_problem
-from .._stepper import BUDGET, SLOT_QUANTUM
 from .._validate import check_depth, check_times, check_tolerances
+from ._diffrax_method import diffrax_method
+from ._drive import Stats
 from ._methods import Methods, StoppableQueue
-from ._result import SweepResult, assemble
+from ._result import SweepResult, assemble_from
 from ._rows import INITS, derived, make_rows
 from ._scheduler import Book, Scheduler
+from ._slots import BUDGET, SLOT_QUANTUM
 from ._store import Store
 
 
@@ -116,7 +119,7 @@ def sweep(problem, *, depths, scales, seeds, t1, ts, init: str = "gaussian", t0=
           memory_budget: int = 2**30, max_chunk: int = 256, max_slots: int | None = None,
           workers: int | None = None, explicit_max_steps: int = 2**16, max_steps: int = 2**20,
           pilot: bool = False, progress: bool = True, lease_timeout: float = 120.0,
-          key) -> SweepResult:
+          solver=None, key) -> SweepResult:
     """Gradient flows over the grid depths x scales x seeds, in compiled, vmapped chunks.
 
     **Arguments:**
@@ -154,6 +157,12 @@ def sweep(problem, *, depths, scales, seeds, t1, ts, init: str = "gaussian", t0=
     - `progress`: a progress bar over trajectories (and "resuming: k of B done").
     - `lease_timeout`: seconds after which a chunk claimed by a process that stopped renewing
         its lease (it died) is taken over by another.
+    - `solver`: None (default) for the fused Tsit5 with the Kvaerno5 hand-over above; or a
+        diffrax solver, an adaptive ODE one (e.g. `diffrax.Dopri5()`), or its name ("tsit5",
+        "dopri5", "dopri8", "kvaerno5"): every step of every member is then that solver's
+        own `step` with diffrax's `PIDController` (as `gradient_flow` with `solver=`),
+        landing on the save times, with no hand-over and a budget of `max_steps`
+        (`explicit_max_steps` is not used).
     - `key`: base PRNG key of the inits (required: the same key gives the same grid).
 
     **Returns:** a `SweepResult` in grid order (all of the grid, whichever process ran it).
@@ -178,6 +187,9 @@ def sweep(problem, *, depths, scales, seeds, t1, ts, init: str = "gaussian", t0=
         raise TypeError("`sweep` needs a problem with a design matrix `X` (to know `dim`).")
     plan = _Plan(problem, batched, depths, scales, seeds, key, init, int(sample.X.shape[1]))
     gtol = None if stop_when_converged is None else float(stop_when_converged)
+    method_solver = None if solver is None else diffrax_method(solver).solver
+    if method_solver is not None:  # no hand-over: one budget
+        explicit_max_steps = max_steps
     chunk = int(max(1, min(max_chunk, plan.B)))
     spec = dict(format=2, depths=depths, scales=scales, seeds=seeds, t0=float(t0),
                 t1=float(t1), ts=np.asarray(ts).tolist(), init=init, rtol=float(rtol),
@@ -185,6 +197,8 @@ def sweep(problem, *, depths, scales, seeds, t1, ts, init: str = "gaussian", t0=
                 key=np.asarray(jr.key_data(key)).tolist(), pilot=pilot,
                 explicit_max_steps=explicit_max_steps, max_steps=max_steps,
                 problem=_fingerprint(problem, batched, seeds))
+    if method_solver is not None:  # (absent for the fused stepper: older folders resume)
+        spec["solver"] = eqx.tree_pformat(method_solver)
     sharding, workers, slots = _devices(plan.B, ts.shape[0], plan.dim, plan.max_depth,
                                         max_slots, memory_budget, workers)
     plan.block = slots // workers
@@ -192,7 +206,7 @@ def sweep(problem, *, depths, scales, seeds, t1, ts, init: str = "gaussian", t0=
     methods = Methods(make_rows=plan.make_rows, max_depth=plan.max_depth, dim=plan.dim,
                       shared=plan.shared, t0=t0, t1=t1, ts=ts, rtol=rtol, atol=atol,
                       gtol=None if gtol is None else jnp.asarray(gtol), sharding=sharding,
-                      workers=workers, slots=slots, stop=stop)
+                      workers=workers, slots=slots, stop=stop, solver=method_solver)
     owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     store = Store(out, owner, lease_timeout)
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -210,12 +224,15 @@ def sweep(problem, *, depths, scales, seeds, t1, ts, init: str = "gaussian", t0=
     done = len({int(i) for _, p in store.parts(("index",)) for i in p["index"]})
     if done and progress:
         print(f"resuming: {done} of {plan.B} done", file=sys.stderr, flush=True)
+    methods.stats = Stats()
     with tqdm(total=plan.B, initial=done, desc="sweep", unit="traj",
               disable=not progress) as bar:
         Scheduler(store=store, methods=methods, book=book, make_rows=plan.make_rows,
                   batched=batched, tsn=tsn, t1=t1, explicit_max_steps=explicit_max_steps,
                   max_steps=max_steps, bar=bar, poll=min(2.0, lease_timeout / 4)).run()
-    return assemble(manifest, store.parts())
+    res = assemble_from(manifest, store)
+    res.info.update(methods.stats.summary())  # this call's stepping (not a pilot's)
+    return res
 
 
 class _Plan:

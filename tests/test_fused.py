@@ -1,6 +1,7 @@
-"""The sweep stepper's implicit linear algebra against dense references: the structured
-(Woodbury) solve with I - c J against `jax.jacfwd` of the layer vector field and a dense
-solve, the small-matrix inverse against numpy."""
+"""The sweep's fused maths against independent references: the layer vector field with
+ordered sums against `jax.grad` of the loss; the structured (Woodbury) solve with I - c J
+against `jax.jacfwd` of the layer vector field and a dense solve; the small-matrix inverse
+against numpy."""
 
 import jax
 import jax.numpy as jnp
@@ -9,15 +10,42 @@ import numpy as np
 import pytest
 
 import ddln_jax as dd
-from ddln_jax import _stepper
+from ddln_jax._sweep import _advance, _fused
 
 
 def _slots(problem, u, depth):
     S, _, d = u.shape
     z = jnp.zeros
-    return _stepper._slots_at(u, z((S, d)), z(S), z(S, jnp.int32), z(S, jnp.int32),
+    return _advance._slots_at(u, z((S, d)), z(S), z(S, jnp.int32), z(S, jnp.int32),
                               z((S, 2, d)), jnp.arange(S, dtype=jnp.int32), depth, None,
                               problem, 1.0, 1e-8, 1e-10)
+
+
+@pytest.mark.parametrize("loss", ["ls_gram", "ls_two_stage", "logistic", "exponential"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_vector_field_equals_autodiff(loss, batched):
+    # the ordered sums (Gram form when d <= 2n) against jax.grad of the loss itself,
+    # per slot, with padded layers frozen
+    S, L, d = 16, 4, 6
+    n = 2 if loss == "ls_two_stage" else 9
+    kx, ky, ku = jr.split(jr.key(4), 3)
+    X, y = jr.normal(kx, (S, n, d)), jr.normal(ky, (S, n))
+    make = {"logistic": dd.Logistic, "exponential": dd.Exponential}.get(loss, dd.LeastSquares)
+    if loss in ("logistic", "exponential"):
+        y = jnp.sign(y)
+    problems = [make(X[s], y[s]) for s in range(S)] if batched else [make(X[0], y[0])] * S
+    problem = jax.vmap(make)(X, y) if batched else problems[0]
+    u = 0.5 * jr.normal(ku, (L, d, S))
+    depth = 2 + jnp.arange(S) % 3
+    mask = (jnp.arange(L)[:, None] < depth[None, :]).astype(u.dtype)[:, None, :]
+    u = jnp.where(mask > 0, u, 1.0)
+    fu, fxi = _fused._batched_rhs(u, mask, problem, batched)
+    for s in range(S):
+        g = jax.grad(problems[s].loss)(jnp.prod(u[:, :, s], axis=0))
+        np.testing.assert_allclose(fxi[:, s], -g, rtol=1e-12, atol=1e-12)
+        for j in range(L):
+            want = -jnp.prod(jnp.delete(u[:, :, s], j, axis=0), axis=0) * g * mask[j, 0, s]
+            np.testing.assert_allclose(fu[j, :, s], want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("loss", ["least_squares", "logistic"])
@@ -36,10 +64,10 @@ def test_chord_solve_equals_dense_jacobian_solve(loss):
     slots = _slots(problem, u, depth)
     c = jnp.logspace(-3, 3, S)  # h * gamma, from non-stiff to very stiff
     r = jr.normal(kr, (L, d, S)) * slots.mask
-    x = _stepper._chord_solver(slots, c, problem, False)(r)
+    x = _fused._chord_solver(slots, c, problem, False)(r)
 
     def field(u_flat, mask):
-        fu, _ = _stepper._batched_rhs(u_flat.reshape(L, d, 1), mask[..., None], problem,
+        fu, _ = _fused._batched_rhs(u_flat.reshape(L, d, 1), mask[..., None], problem,
                                       False)
         return fu.reshape(L * d)
 
@@ -61,7 +89,7 @@ def test_small_inverse_equals_numpy(n):
     if n > 1:
         a[0, 0] = 0.0  # needs pivoting
         a[:, :, 1, 2] = np.eye(n)[::-1]  # a permutation: every pivot is off the diagonal
-    inv = np.asarray(_stepper._small_inv(jnp.asarray(a)))
+    inv = np.asarray(_fused._small_inv(jnp.asarray(a)))
     ref = np.linalg.inv(np.moveaxis(a, (0, 1), (-2, -1)))
     np.testing.assert_allclose(np.moveaxis(inv, (0, 1), (-2, -1)), ref, rtol=1e-9,
                                atol=1e-9 * np.abs(ref).max())

@@ -1,0 +1,129 @@
+"""Slot arrays: the layout of the sweep's batched solver state (one trajectory per slot),
+their creation, selection and placement on devices. No maths here (see `_fused`)."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+ACTIVE, DONE, CONVERGED, BUDGET, FAILED, EMPTY, STIFF = 0, 1, 2, 3, 4, 5, 6
+# Slot arrays (per device) hold a multiple of this many slots (XLA's CPU kernels treat the
+# last few columns of a vectorised loop differently; with whole blocks and the ordered sums
+# of `_fused`, a trajectory's bits depend neither on its slot nor on the array size).
+SLOT_QUANTUM = 8
+
+
+class Slots(eqx.Module):
+    """The state of every slot. The solver state is stored slot-last (the slot axis is the
+    contiguous one, which XLA vectorises best); bookkeeping is slot-first."""
+
+    u: jax.Array  # (Lmax, d, S) layers
+    xi: jax.Array  # (d, S)
+    fu: jax.Array  # (Lmax, d, S) derivative at (t, u) (first-same-as-last)
+    fxi: jax.Array  # (d, S)
+    mask: jax.Array  # (Lmax, 1, S) 1 on real layers
+    t: jax.Array  # (S,)
+    dt: jax.Array  # (S,) proposed next step
+    steps: jax.Array  # (S,) attempted steps
+    save_i: jax.Array  # (S,) next save index
+    status: jax.Array  # (S,)
+    saves: jax.Array  # (S, T, d) theta at the save times
+    gid: jax.Array  # (S,) grid index, -1 when empty
+    stiff_run: jax.Array  # (S,) accepted steps in a row at the stability boundary
+    problem: object  # batched problem pytree (leading axis S), or None when shared
+    carry: object = None  # the stepping method's own per-slot state (pytree, slot axis last)
+
+
+_SLOT_LAST = ("u", "xi", "fu", "fxi", "mask")
+# pytree fields, and their slot axis
+_TREES = {"problem": 0, "carry": -1}
+
+
+def slot_axis(name: str) -> int:
+    return -1 if name in _SLOT_LAST else 0
+
+
+def _pick(cond, a, b, axis=0):
+    """`where(cond, a, b)` with `cond` (S,) along the slot axis `axis` (0 or -1) of a, b."""
+    if axis == 0:
+        return jnp.where(cond.reshape(cond.shape + (1,) * (a.ndim - 1)), a, b)
+    return jnp.where(cond, a, b)
+
+
+def _pick_slots(cond, new: Slots, old: Slots) -> Slots:
+    fields = {f: _pick(cond, getattr(new, f), getattr(old, f), slot_axis(f))
+              for f in Slots.__dataclass_fields__ if f not in _TREES}
+    trees = {f: jax.tree_util.tree_map(lambda a, b, ax=ax: _pick(cond, a, b, ax),
+                                       getattr(new, f), getattr(old, f))
+             for f, ax in _TREES.items()}
+    return Slots(**fields, **trees)
+
+
+def _theta(u):
+    """theta of slot-last layers: (L, d, S) -> (S, d), multiplied in layer order."""
+    th = u[0]
+    for j in range(1, u.shape[0]):
+        th = th * u[j]
+    return th.T
+
+
+def empty_slots(num: int, max_depth: int, dim: int, num_saves: int, dtype, problem_rows=None):
+    z = jnp.zeros
+    return Slots(
+        u=jnp.ones((max_depth, dim, num), dtype), xi=z((dim, num), dtype),
+        fu=z((max_depth, dim, num), dtype), fxi=z((dim, num), dtype),
+        mask=z((max_depth, 1, num), dtype), t=z((num,), dtype), dt=jnp.ones((num,), dtype),
+        steps=z((num,), jnp.int32), save_i=z((num,), jnp.int32),
+        status=jnp.full((num,), EMPTY, jnp.int32), saves=z((num, num_saves, dim), dtype),
+        gid=jnp.full((num,), -1, jnp.int32), stiff_run=z((num,), jnp.int32),
+        problem=problem_rows,
+    )
+
+
+@jax.jit
+def _gather(slots: Slots, idx) -> Slots:
+    fields = {f: jnp.take(getattr(slots, f), idx, axis=slot_axis(f))
+              for f in Slots.__dataclass_fields__ if f not in _TREES}
+    trees = {f: jax.tree_util.tree_map(lambda x, ax=ax: jnp.take(x, idx, axis=ax),
+                                       getattr(slots, f))
+             for f, ax in _TREES.items()}
+    return Slots(**fields, **trees)
+
+
+def _placer(sharding):
+    """Functions putting slot-first arrays and `Slots` on the devices of `sharding` (a 1-D
+    `NamedSharding` over the slot axis), or leaving them where they are."""
+    if sharding is None:
+        return (lambda x: x), (lambda s: s)
+    mesh, name = sharding.mesh, sharding.spec[0]
+
+    def put(x):
+        return None if x is None else jax.device_put(x, sharding)
+
+    def put_axis(x, axis):
+        spec = [None] * x.ndim
+        spec[axis] = name
+        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+    def put_slots(s: Slots) -> Slots:
+        fields = {}
+        for f in Slots.__dataclass_fields__:
+            x = getattr(s, f)
+            if f in _TREES:
+                fields[f] = jax.tree_util.tree_map(lambda a, f=f: put_axis(a, _TREES[f]), x)
+            else:
+                fields[f] = put_axis(x, slot_axis(f))
+        return Slots(**fields)
+
+    return put, put_slots
+
+
+@jax.jit
+def take_rows(slots: Slots, idx) -> dict:
+    """The slots `idx` (a fixed-size index buffer) as slot-first arrays, gathered on the
+    device: only these rows cross to the host."""
+    return {
+        "saves": slots.saves[idx], "u": jnp.moveaxis(jnp.take(slots.u, idx, axis=-1), -1, 0),
+        "xi": jnp.take(slots.xi, idx, axis=-1).T, "t": slots.t[idx], "steps": slots.steps[idx],
+        "status": slots.status[idx], "save_i": slots.save_i[idx],
+    }
