@@ -1,18 +1,44 @@
-"""Speed, measured (never asserted): ratios against baselines measured in the same run.
+"""Speed and memory, measured (never asserted): ratios against baselines measured in the same run.
 
-    python -m experiments.bench              # quick: ~2 min on 2 CPU cores
-    python -m experiments.bench --full       # B up to 4096
+    python -m experiments.bench                   # quick: 11.6 min (2 shared CPU cores)
+    python -m experiments.bench --full            # B up to 4096 (the headline row)
+    python -m experiments.bench --solver dopri5   # also the B rows with dd.sweep(..., solver=)
 
 Problem: depth 6, dim 8, n 10, Gaussian inits at scale 1, T = 50, rtol 1e-8, atol 1e-10,
-steady-state stop at ||grad L|| <= 1e-7 for every method (scipy: a terminal event).
-Prints and writes JSON: compile time, trajectories/s and trajectory-steps/s (sum of own
-steps / wall) of `dd.sweep`, of a plain `jax.vmap(gradient_flow)`, of a Python loop of jitted
-single solves and of a scipy `solve_ivp` (DOP853) loop on a subset; lockstep efficiency.
+steady-state stop at ||grad L||_inf <= 1e-7 for every method (scipy: a terminal event).
+Prints one line per measurement and writes all of it to bench.json:
+
+- one solve: compile and run of a jitted `gradient_flow`; scipy `solve_ivp` DOP853 and LSODA
+  (plain: no jacobian, same rtol/atol and stop) on the same init; then loops of DOP853 and
+  LSODA (4 and 8 inits, --full 16 each) and of jitted solves (16) per trajectory, with their
+  stop times against the sweep's on the same inits.
+- sweep compile time (first B = 1 call minus a second) and, per B (CPU: 1, 64, 256; --full:
+  1, 64, 1024, 4096; accelerator: 1e4, 1e5, 1e6): trajectories/s and own steps/s (sum of
+  per-trajectory steps / wall) of `dd.sweep`, the compiles inside the run (jax.monitoring),
+  lockstep efficiency, ratios to the DOP853 and LSODA loops without compile (the run: it
+  includes the compiles of shapes new at this B, counted) and with compile (the run + the
+  sweep compile time), to a plain `jax.vmap(gradient_flow)` (measured up to 64
+  trajectories: its rate only falls with B) and to the loop of jitted solves; the
+  engine counters of `res.info` when present (host syncs/s, bytes moved per retirement); with
+  --solver NAME the same rows with `dd.sweep(..., solver=NAME)`. The largest B row is the
+  headline (own steps/s; --full: B = 4096).
+- depths 2..8 padded into one sweep against one sweep per depth (compiles included).
+- three other problems (X, y from jr.key(1..3)) at B = 256 (--full 1024): a fresh sweep call
+  after `jax.clear_caches()` (so its compiles are included) against DOP853 (2 inits, --full
+  8), LSODA (4, --full 16) and vmap (up to 16 trajectories, --full 64), per problem.
+- peak host memory, each run in its own process (ru_maxrss of RUSAGE_CHILDREN in a small
+  launcher process): sweeps of B = 512 (--full 2048) trajectories x 2000 save times, in
+  memory or streamed to `out=`, default memory budget or 2**24, next to the result's size
+  and a baseline process (imports + a one-trajectory sweep); `dd.load_sweep` of the folder.
 """
 
 import json
 import platform
+import subprocess
+import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import jax
@@ -23,13 +49,62 @@ from scipy.integrate import solve_ivp
 
 import ddln_jax as dd
 
-from ._common import parser
+from ._common import parser, save_json
 
 FULL_ESTIMATE = ("about 6x the quick run (B up to 4096; estimated, not measured)")
 DEPTH, DIM, N, T1, RTOL, ATOL, GTOL = 6, 8, 10, 50.0, 1e-8, 1e-10, 1e-7
+COUNTERS = ("host_syncs", "bytes_to_host", "retirements", "compiles")
+MEM_T = 2000  # save times of the memory rows
+
+# a child process of the memory rows: imports jax + ddln_jax only, runs one sweep (or
+# `load_sweep`), prints its numbers as one JSON line; the parent reads its peak RSS
+_CHILD = r"""
+import json, resource, sys, time
+spec = json.loads(sys.argv[1])
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp, jax.random as jr
+import ddln_jax as dd
+rep = {"import_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+t = time.perf_counter()
+if spec["load"]:
+    res = dd.load_sweep(spec["out"])
+else:
+    kx, ky = jr.split(jr.key(0))
+    X, y = jr.normal(kx, (spec["n"], spec["dim"])), jr.normal(ky, (spec["n"],))
+    kw = {} if spec["budget"] is None else {"memory_budget": spec["budget"]}
+    res = dd.sweep(dd.LeastSquares(X, y), depths=[spec["depth"]], scales=[1.0],
+                   seeds=range(spec["B"]), t1=spec["t1"],
+                   ts=jnp.linspace(0.0, spec["t1"], spec["T"]),
+                   rtol=spec["rtol"], atol=spec["atol"], stop_when_converged=spec["gtol"],
+                   key=jr.key(0), progress=False, out=spec["out"], **kw)
+rep["wall_s"] = time.perf_counter() - t
+rep["theta_bytes"] = int(res.theta.nbytes)
+rep["result_bytes"] = int(sum(getattr(a, "nbytes", 0) for a in res.to_dict().values()))
+rep["all_ok"] = bool(res.ok.all())
+rep["steps"] = int(res.num_steps.sum())
+rep["self_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:  # the kernel's high-water mark of this process's memory (a cross-check)
+    status = open("/proc/self/status").read().split("VmHWM:")[1]
+    rep["vmhwm_kb"] = int(status.split()[0])
+except (OSError, IndexError, ValueError):
+    rep["vmhwm_kb"] = None
+print("CHILD " + json.dumps(rep), flush=True)
+"""
+
+# runs one command and prints its output and then its peak RSS: a small process, so the
+# command does not inherit the bench's high-water mark
+_LAUNCH = r"""
+import resource, subprocess, sys
+p = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+print(p.stdout, end="")
+print("RUSAGE", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True)
+sys.exit(p.returncode)
+"""
 
 
-def _scipy_solve(X, y, u0):
+def _scipy_solve(X, y, u0, method="DOP853"):
+    """One plain `solve_ivp` (no jacobian) with the gtol stop as a terminal event."""
     def rhs(t, f):
         u = f.reshape(DEPTH, DIM)
         g = 2 * X.T @ (X @ np.prod(u, 0) - y)
@@ -41,29 +116,108 @@ def _scipy_solve(X, y, u0):
         return np.max(np.abs(2 * X.T @ (X @ np.prod(u, 0) - y))) - GTOL
 
     event.terminal = True
-    sol = solve_ivp(rhs, (0, T1), u0.ravel(), method="DOP853", rtol=RTOL, atol=ATOL,
+    sol = solve_ivp(rhs, (0, T1), np.asarray(u0).ravel(), method=method, rtol=RTOL, atol=ATOL,
                     events=event)
-    return sol.nfev
+    return sol
 
 
-def main(*, quick: bool = True, out="results/bench") -> dict:
+def _scipy_loop(X, y, u0s, method) -> dict:
+    """Seconds per trajectory of a loop of `_scipy_solve` over `u0s`."""
+    X, y = np.asarray(X), np.asarray(y)
+    t = time.perf_counter()
+    sols = [_scipy_solve(X, y, u0, method) for u0 in np.asarray(u0s)]
+    per = (time.perf_counter() - t) / len(sols)
+    return {"n": len(sols), "s_per_traj": per, "traj_per_s": 1 / per,
+            "event_stops": sum(s.status == 1 for s in sols),
+            "t_end": [float(s.t[-1]) for s in sols],
+            "nfev_mean": float(np.mean([s.nfev for s in sols]))}
+
+
+@contextmanager
+def _compiles(counter):
+    """Backend compiles (count, seconds) during the block, from jax.monitoring."""
+    n0, s0 = counter["n"], counter["s"]
+    got = {}
+    yield got
+    got["n"], got["s"] = counter["n"] - n0, counter["s"] - s0
+
+
+def _run_child(spec: dict) -> dict:
+    """Run `_CHILD` with `spec` under `_LAUNCH`; the child's peak RSS is the launcher's
+    RUSAGE_CHILDREN ru_maxrss (it has one child). Not from this process: a child exec'd from a
+    process inherits its high-water mark (ru_maxrss would be this process's RSS at least)."""
+    cmd = [sys.executable, "-c", _LAUNCH, sys.executable, "-c", _CHILD, json.dumps(spec)]
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    line = [s for s in p.stdout.splitlines() if s.startswith("CHILD ")]
+    usage = [s for s in p.stdout.splitlines() if s.startswith("RUSAGE ")]
+    if p.returncode or not line or not usage:
+        raise RuntimeError(f"memory child failed ({p.returncode}):\n{p.stdout[-3000:]}")
+    rep = json.loads(line[-1][6:])
+    rep["peak_rss_kb"] = int(usage[-1].split()[1])  # kilobytes on Linux
+    return rep
+
+
+def _x(r: float) -> str:
+    """A ratio with two significant digits or more."""
+    return f"{r:.0f}x" if r >= 10 else f"{r:.1f}x" if r >= 1 else f"{r:.2f}x"
+
+
+def _counters(info: dict, seconds: float) -> dict:
+    c = {k: info.get(k) for k in COUNTERS}
+    c["host_syncs_per_s"] = None if c["host_syncs"] is None else c["host_syncs"] / seconds
+    c["bytes_per_retirement"] = (c["bytes_to_host"] / c["retirements"]
+                                 if c["bytes_to_host"] is not None and c["retirements"] else None)
+    return c
+
+
+def main(*, quick: bool = True, out="results/bench", solver: str | None = None) -> dict:
     jax.config.update("jax_enable_x64", True)
+    start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    sizes = (1, 64, 256) if quick else (1, 64, 1024, 4096)
-    print(f"device: {jax.devices()[0]}", flush=True)
+    dev = jax.devices()[0]
+    accel = dev.platform != "cpu"
+    sizes = (10**4, 10**5, 10**6) if accel else (1, 64, 256) if quick else (1, 64, 1024, 4096)
+    vmap_cap = 64  # the B rows' vmap; the other problems' (below): 16 if quick
+    print(f"device: {dev}; B sizes {sizes}", flush=True)
+    compiled = {"n": 0, "s": 0.0}
+
+    def on_duration(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled["n"] += 1
+            compiled["s"] += duration
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
     kx, ky = jr.split(jr.key(0))
     X, y = jr.normal(kx, (N, DIM)), jr.normal(ky, (N,))
     problem = dd.LeastSquares(X, y)
     ts = jnp.linspace(0.0, T1, 200)
-    report = {"device": str(jax.devices()[0]), "platform": platform.platform(), "rows": []}
+    report = {"device": str(dev), "platform": platform.platform(), "quick": quick,
+              "solver": solver, "rows": [], "section_s": {}}
+    sections = report["section_s"]
 
     def inits(B):
         return jax.vmap(lambda k: dd.init_gaussian(k, DEPTH, DIM))(
             jax.vmap(lambda r: jr.fold_in(jr.key(0), r))(jnp.arange(B)))
 
-    single = jax.jit(lambda u: dd.gradient_flow(u, problem, t1=T1, ts=ts, rtol=RTOL, atol=ATOL,
-                                                stop_when_converged=GTOL))
+    def flow_of(p):
+        return lambda u: dd.gradient_flow(u, p, t1=T1, ts=ts, rtol=RTOL, atol=ATOL,
+                                          stop_when_converged=GTOL)
+
+    def vmap_rate(p, Bv):
+        """(traj/s, lockstep efficiency) of a plain vmap of `Bv` inits (compile excluded)."""
+        vmapped = jax.jit(jax.vmap(flow_of(p)))
+        u0 = inits(Bv)
+        vmapped(u0).theta.block_until_ready()
+        t = time.perf_counter()
+        v = vmapped(u0)
+        v.theta.block_until_ready()
+        vs = np.asarray(v.num_steps)
+        return Bv / (time.perf_counter() - t), float(vs.sum() / (Bv * vs.max()))
+
+    # --- one solve -------------------------------------------------------------------------
+    t_sec = time.perf_counter()
+    single = jax.jit(flow_of(problem))
     u1 = inits(1)[0]
     t = time.perf_counter()
     single(u1).theta.block_until_ready()
@@ -72,92 +226,160 @@ def main(*, quick: bool = True, out="results/bench") -> dict:
     tr = single(u1)
     tr.theta.block_until_ready()
     run_single = time.perf_counter() - t
-    t = time.perf_counter()
-    nfev = _scipy_solve(np.asarray(X), np.asarray(y), np.asarray(u1))
-    run_scipy = time.perf_counter() - t
-    report["single"] = {"compile_s": compile_single, "run_s": run_single,
-                        "steps": int(tr.num_steps), "scipy_run_s": run_scipy,
-                        "scipy_nfev": int(nfev), "speedup_vs_scipy": run_scipy / run_single}
+    one = {"compile_s": compile_single, "run_s": run_single, "steps": int(tr.num_steps)}
+    for m in ("DOP853", "LSODA"):
+        t = time.perf_counter()
+        sol = _scipy_solve(np.asarray(X), np.asarray(y), u1, m)
+        s = time.perf_counter() - t
+        one[m] = {"run_s": s, "nfev": int(sol.nfev), "event_stop": bool(sol.status == 1),
+                  "speedup": s / run_single}
+    # the former keys (DOP853)
+    one.update(scipy_run_s=one["DOP853"]["run_s"], scipy_nfev=one["DOP853"]["nfev"],
+               speedup_vs_scipy=one["DOP853"]["speedup"])
+    report["single"] = one
     print(f"one solve: compile {compile_single:.2f} s, run {run_single * 1e3:.1f} ms "
-          f"({int(tr.num_steps)} steps); scipy DOP853 {run_scipy * 1e3:.1f} ms -> "
-          f"{run_scipy / run_single:.1f}x")
+          f"({one['steps']} steps); scipy DOP853 {one['DOP853']['run_s'] * 1e3:.0f} ms -> "
+          f"{one['DOP853']['speedup']:.1f}x, LSODA {one['LSODA']['run_s'] * 1e3:.0f} ms -> "
+          f"{one['LSODA']['speedup']:.1f}x", flush=True)
 
-    # scipy and the Python loop on a subset, scaled to B
+    # scipy and the Python loop on a subset, per trajectory
     sub = inits(16)
-    n_scipy = 4 if quick else 16
+    dop = _scipy_loop(X, y, sub[:4 if quick else 16], "DOP853")
+    lsoda = _scipy_loop(X, y, sub[:8 if quick else 16], "LSODA")
+    report["scipy"] = {"DOP853": dop, "LSODA": lsoda}
     t = time.perf_counter()
-    for b in range(n_scipy):
-        _scipy_solve(np.asarray(X), np.asarray(y), np.asarray(sub[b]))
-    scipy_per = (time.perf_counter() - t) / n_scipy
-    t = time.perf_counter()
-    steps_loop = 0
     for b in range(16):
-        r = single(sub[b])
-        r.theta.block_until_ready()
-        steps_loop += int(r.num_steps)
+        single(sub[b]).theta.block_until_ready()
     loop_per = (time.perf_counter() - t) / 16
+    print(f"subset loops: DOP853 {dop['traj_per_s']:.3f} traj/s ({dop['n']} inits, "
+          f"{dop['event_stops']} stopped by the gtol event), LSODA {lsoda['traj_per_s']:.3f} "
+          f"traj/s ({lsoda['n']} inits, {lsoda['event_stops']} event stops), jitted "
+          f"gradient_flow loop {1 / loop_per:.1f} traj/s (16 inits)", flush=True)
+    sections["one_solve_and_subsets"] = time.perf_counter() - t_sec
 
-    vmapped = jax.jit(jax.vmap(lambda u: dd.gradient_flow(
-        u, problem, t1=T1, ts=ts, rtol=RTOL, atol=ATOL, stop_when_converged=GTOL)))
+    # --- sweep compile and the B rows ------------------------------------------------------
+    t_sec = time.perf_counter()
     sweep_kw = dict(t1=T1, ts=ts, rtol=RTOL, atol=ATOL, stop_when_converged=GTOL, key=jr.key(0),
                     progress=False)
-    # compile time of a sweep: first call minus a second identical one
-    t = time.perf_counter()
-    dd.sweep(problem, depths=[DEPTH], scales=[1.0], seeds=range(1), **sweep_kw)
-    first = time.perf_counter() - t
-    t = time.perf_counter()
-    dd.sweep(problem, depths=[DEPTH], scales=[1.0], seeds=range(1), **sweep_kw)
-    report["sweep_compile_s"] = first - (time.perf_counter() - t)
-    print(f"sweep compile: {report['sweep_compile_s']:.1f} s", flush=True)
-    vmap_cap = 64
-    vmap_rate = {}
-    for B in sizes:
+
+    def compile_time(**kw):
+        """First call minus a second identical one (B = 1)."""
         t = time.perf_counter()
-        res = dd.sweep(problem, depths=[DEPTH], scales=[1.0], seeds=range(B), **sweep_kw)
-        sweep_s = time.perf_counter() - t
+        dd.sweep(problem, depths=[DEPTH], scales=[1.0], seeds=range(1), **sweep_kw, **kw)
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        dd.sweep(problem, depths=[DEPTH], scales=[1.0], seeds=range(1), **sweep_kw, **kw)
+        return first - (time.perf_counter() - t)
+
+    with _compiles(compiled) as c:
+        report["sweep_compile_s"] = compile_time()
+    print(f"sweep compile: {report['sweep_compile_s']:.1f} s (first B=1 call minus a second; "
+          f"{c['n']} backend compiles, {c['s']:.1f} s); 'with compile' below = run + this",
+          flush=True)
+    if solver is not None:
+        try:
+            report["solver_compile_s"] = compile_time(solver=solver)
+            print(f"solver={solver!r} compile: {report['solver_compile_s']:.1f} s", flush=True)
+        except TypeError as e:
+            print(f"dd.sweep has no `solver=` yet ({e}); --solver {solver} skipped", flush=True)
+            report["solver_error"] = str(e)
+            solver = None
+    comp = report["sweep_compile_s"]
+    vmap_cache = {}
+    for B in sizes:
+        with _compiles(compiled) as c_row:
+            t = time.perf_counter()
+            res = dd.sweep(problem, depths=[DEPTH], scales=[1.0], seeds=range(B), **sweep_kw)
+            sweep_s = time.perf_counter() - t
         # a plain vmap pays its slowest member for everyone: measured up to `vmap_cap`
         # trajectories (its rate only falls with B), reused above that
         Bv = min(B, vmap_cap)
-        if Bv not in vmap_rate:
-            u0 = inits(Bv)
-            vmapped(u0).theta.block_until_ready()  # compile outside the timing
-            t = time.perf_counter()
-            v = vmapped(u0)
-            v.theta.block_until_ready()
-            vs = np.asarray(v.num_steps)
-            vmap_rate[Bv] = (Bv / (time.perf_counter() - t), float(vs.sum() / (Bv * vs.max())))
+        if Bv not in vmap_cache:
+            vmap_cache[Bv] = vmap_rate(problem, Bv)
         own = float(res.num_steps.sum())
+        rate, rate_c = B / sweep_s, B / (sweep_s + comp)
         row = {
             "B": B,
             "sweep_s": sweep_s,
-            "sweep_traj_per_s": B / sweep_s,
+            "sweep_with_compile_s": sweep_s + comp,
+            "sweep_traj_per_s": rate,
             "sweep_steps_per_s": own / sweep_s,
+            "sweep_steps_per_s_with_compile": own / (sweep_s + comp),
             "sweep_efficiency": [float(e) for e in res.efficiency],
             "sweep_overall_efficiency": float(res.overall_efficiency),
             "sweep_all_ok": bool(res.ok.all()),
             "sweep_implicit": int(res.implicit.sum()),
             "sweep_max_steps": int(res.num_steps.max()),
             "vmap_measured_B": Bv,
-            "vmap_traj_per_s": vmap_rate[Bv][0],
-            "vmap_efficiency": vmap_rate[Bv][1],
+            "vmap_traj_per_s": vmap_cache[Bv][0],
+            "vmap_efficiency": vmap_cache[Bv][1],
             "loop_traj_per_s": 1 / loop_per,
-            "scipy_traj_per_s": 1 / scipy_per,
+            "scipy_traj_per_s": dop["traj_per_s"],
+            "lsoda_traj_per_s": lsoda["traj_per_s"],
+            "counters": _counters(res.info, sweep_s),
+            "compiles_in_run": c_row["n"],
+            "compile_s_in_run": c_row["s"],
         }
-        row["sweep_vs_scipy"] = row["sweep_traj_per_s"] / row["scipy_traj_per_s"]
-        row["sweep_vs_vmap"] = row["sweep_traj_per_s"] / row["vmap_traj_per_s"]
-        row["sweep_vs_loop"] = row["sweep_traj_per_s"] / row["loop_traj_per_s"]
+        row["sweep_vs_scipy"] = rate / dop["traj_per_s"]
+        row["sweep_vs_dop853_with_compile"] = rate_c / dop["traj_per_s"]
+        row["sweep_vs_lsoda"] = rate / lsoda["traj_per_s"]
+        row["sweep_vs_lsoda_with_compile"] = rate_c / lsoda["traj_per_s"]
+        row["sweep_vs_vmap"] = rate / row["vmap_traj_per_s"]
+        row["sweep_vs_loop"] = rate * loop_per
+        print(f"B={B:5d}: sweep {rate:.1f} traj/s ({row['sweep_steps_per_s']:.3g} steps/s, eff "
+              f"{row['sweep_overall_efficiency']:.2f} grid, {min(row['sweep_efficiency']):.2f}-"
+              f"{max(row['sweep_efficiency']):.2f} per chunk, {row['sweep_implicit']} implicit, "
+              f"ok {row['sweep_all_ok']}, {c_row['n']} compiles in the run: "
+              f"{c_row['s']:.1f} s) -> /DOP853 {_x(row['sweep_vs_scipy'])} "
+              f"({_x(row['sweep_vs_dop853_with_compile'])} with compile), /LSODA "
+              f"{_x(row['sweep_vs_lsoda'])} ({_x(row['sweep_vs_lsoda_with_compile'])}), "
+              f"/vmap(B={Bv}, eff {row['vmap_efficiency']:.2f}) {_x(row['sweep_vs_vmap'])}, "
+              f"/loop {_x(row['sweep_vs_loop'])}", flush=True)
+        c = row["counters"]
+        if c["host_syncs"] is None and c["bytes_to_host"] is None:
+            print("        engine counters: not in res.info", flush=True)
+        else:
+            syncs = "n/a" if c["host_syncs_per_s"] is None else f"{c['host_syncs_per_s']:.1f}"
+            per = ("n/a" if c["bytes_per_retirement"] is None
+                   else f"{c['bytes_per_retirement']:.3g}")
+            print(f"        engine counters: {syncs} host syncs/s, {per} bytes per retirement "
+                  f"({c['retirements']} retirements, {c['compiles']} compiles)", flush=True)
+        if solver is not None:
+            t = time.perf_counter()
+            rs = dd.sweep(problem, depths=[DEPTH], scales=[1.0], seeds=range(B), **sweep_kw,
+                          solver=solver)
+            s_s = time.perf_counter() - t
+            own_s = float(rs.num_steps.sum())
+            row["solver"] = {"name": solver, "s": s_s, "steps_per_s": own_s / s_s,
+                             "traj_per_s": B / s_s, "vs_fast_path": sweep_s / s_s,
+                             "all_ok": bool(rs.ok.all()), "counters": _counters(rs.info, s_s)}
+            print(f"        solver={solver}: {B / s_s:.1f} traj/s ({own_s / s_s:.3g} steps/s, "
+                  f"ok {bool(rs.ok.all())}) -> {sweep_s / s_s:.2f}x the fast path", flush=True)
         report["rows"].append(row)
-        print(f"B={B:5d}: sweep {row['sweep_traj_per_s']:.1f} traj/s "
-              f"({row['sweep_steps_per_s']:.3g} steps/s, efficiency "
-              f"{row['sweep_overall_efficiency']:.2f} over the grid, per chunk "
-              f"{min(row['sweep_efficiency']):.2f}-{max(row['sweep_efficiency']):.2f}, "
-              f"{row['sweep_implicit']} implicit, all ok {row['sweep_all_ok']}); vmap(B={Bv}) "
-              f"{row['vmap_traj_per_s']:.1f} traj/s (eff {row['vmap_efficiency']:.2f}); loop "
-              f"{row['loop_traj_per_s']:.1f}; scipy {row['scipy_traj_per_s']:.2f} -> sweep/scipy "
-              f"{row['sweep_vs_scipy']:.0f}x, sweep/vmap {row['sweep_vs_vmap']:.1f}x, "
-              f"sweep/loop {row['sweep_vs_loop']:.1f}x", flush=True)
+    # the same stop for every method? stop times on the subset's inits against the sweep's
+    n_sub = max(dop["n"], lsoda["n"])
+    if res.t_final.size >= n_sub:
+        t_sweep = np.asarray(res.t_final[:n_sub])
+        early = {m: int(sum(te < ts_ - 1e-3 for te, ts_ in zip(r["t_end"], t_sweep)))
+                 for m, r in (("DOP853", dop), ("LSODA", lsoda))}
+        report["scipy"]["stops"] = {"sweep_gtol_stops": int((t_sweep < T1).sum()), "n": n_sub,
+                                    "earlier_than_sweep": early}
+        print(f"stop times on the subset inits: sweep stopped by gtol before T1 on "
+              f"{int((t_sweep < T1).sum())}/{n_sub}; earlier than the sweep: DOP853 on "
+              f"{early['DOP853']}/{dop['n']}, LSODA on {early['LSODA']}/{lsoda['n']} (an earlier "
+              f"stop is less time integrated: less work)", flush=True)
+    head = report["rows"][-1]
+    report["headline"] = {"B": head["B"], "own_steps_per_s": head["sweep_steps_per_s"],
+                          "own_steps_per_s_with_compile": head["sweep_steps_per_s_with_compile"]}
+    note = ("" if not quick or accel else
+            " (quick run: the headline row is --full's B=4096)")
+    print(f"{'=' * 20} HEADLINE B={head['B']}: own steps/s {head['sweep_steps_per_s']:.3g} "
+          f"({head['sweep_steps_per_s_with_compile']:.3g} with compile){note} {'=' * 20}",
+          flush=True)
+    sections["B_rows"] = time.perf_counter() - t_sec
 
-    # depths 2..8 padded into one sweep against one sweep per depth (compiles included)
+    # --- depths 2..8 padded into one sweep against one sweep per depth (compiles included) --
+    t_sec = time.perf_counter()
     per_depth = 16 if quick else 64
     depths = list(range(2, 9))
     t = time.perf_counter()
@@ -172,10 +394,91 @@ def main(*, quick: bool = True, out="results/bench") -> dict:
                                "all_ok": bool(padded.ok.all())}
     print(f"depths 2..8 x {per_depth} seeds: padded sweep {padded_s:.1f} s, per-depth sweeps "
           f"{loop_s:.1f} s -> {loop_s / padded_s:.2f}x", flush=True)
-    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    sections["depth_padding"] = time.perf_counter() - t_sec
+
+    # --- other problems: sweep with its compile against DOP853, LSODA, vmap -----------------
+    t_sec = time.perf_counter()
+    seed_B = 256 if quick else 1024
+    n_dop, n_lsoda = (2, 4) if quick else (8, 16)
+    report["problems"] = []
+    for k in (1, 2, 3):
+        kx, ky = jr.split(jr.key(k))
+        Xk, yk = jr.normal(kx, (N, DIM)), jr.normal(ky, (N,))
+        pk = dd.LeastSquares(Xk, yk)
+        jax.clear_caches()  # a fresh call compiles everything, as in a new process
+        with _compiles(compiled) as c:
+            t = time.perf_counter()
+            res = dd.sweep(pk, depths=[DEPTH], scales=[1.0], seeds=range(seed_B), **sweep_kw)
+            s = time.perf_counter() - t
+        Bv = min(seed_B, 16 if quick else vmap_cap)
+        v_rate, v_eff = vmap_rate(pk, Bv)
+        d_k = _scipy_loop(Xk, yk, sub[:n_dop], "DOP853")
+        l_k = _scipy_loop(Xk, yk, sub[:n_lsoda], "LSODA")
+        rate = seed_B / s
+        row = {"key": k, "B": seed_B, "sweep_with_compile_s": s, "compiles": c["n"],
+               "compile_s": c["s"], "sweep_traj_per_s_with_compile": rate,
+               "sweep_steps_per_s_with_compile": float(res.num_steps.sum()) / s,
+               "sweep_all_ok": bool(res.ok.all()), "sweep_implicit": int(res.implicit.sum()),
+               "DOP853": d_k, "LSODA": l_k, "vmap_measured_B": Bv, "vmap_traj_per_s": v_rate,
+               "vmap_efficiency": v_eff, "sweep_vs_dop853": rate / d_k["traj_per_s"],
+               "sweep_vs_lsoda": rate / l_k["traj_per_s"], "sweep_vs_vmap": rate / v_rate}
+        report["problems"].append(row)
+        print(f"problem jr.key({k}), B={seed_B}: sweep {s:.1f} s incl. compile (fresh call after "
+              f"jax.clear_caches(): {c['n']} compiles, {c['s']:.1f} s) = {rate:.1f} traj/s, "
+              f"{row['sweep_implicit']} implicit, ok {row['sweep_all_ok']}; DOP853 "
+              f"{d_k['traj_per_s']:.3f} ({n_dop} inits), LSODA {l_k['traj_per_s']:.3f} "
+              f"({n_lsoda}), vmap(B={Bv}) {v_rate:.2f} (eff {v_eff:.2f}) -> /DOP853 "
+              f"{_x(row['sweep_vs_dop853'])}, /LSODA {_x(row['sweep_vs_lsoda'])}, /vmap "
+              f"{_x(row['sweep_vs_vmap'])}", flush=True)
+    sections["problems"] = time.perf_counter() - t_sec
+
+    # --- peak host memory, in child processes ----------------------------------------------
+    t_sec = time.perf_counter()
+    mem_B = 512 if quick else 2048
+    base = dict(B=mem_B, T=MEM_T, n=N, dim=DIM, depth=DEPTH, t1=T1, rtol=RTOL, atol=ATOL,
+                gtol=GTOL, out=None, budget=None, load=False)
+    print(f"memory: B={mem_B}{' (quick; --full: 2048)' if quick else ''} x T={MEM_T} saves x dim "
+          f"{DIM}, peak RSS of each process (ru_maxrss)", flush=True)
+    mem = report["memory"] = {"B": mem_B, "T": MEM_T, "rows": []}
+    with tempfile.TemporaryDirectory(prefix="ddln_bench_") as tmp:
+        b0 = _run_child(dict(base, B=1))
+        mem["baseline"] = b0
+        print(f"  baseline (imports + 1-trajectory sweep): peak RSS "
+              f"{b0['peak_rss_kb'] / 1024:.0f} MB (after imports {b0['import_rss_kb'] / 1024:.0f}"
+              f" MB)", flush=True)
+        runs = [("in memory", None, None), ("out=", "out", None),
+                ("in memory", None, 2**24), ("out=", "out2", 2**24)]
+        for label, folder, budget in runs:
+            r = _run_child(dict(base, out=None if folder is None else str(Path(tmp) / folder),
+                                budget=budget))
+            r.update(label=label, budget=budget)
+            mem["rows"].append(r)
+            extra = (r["peak_rss_kb"] - b0["peak_rss_kb"]) * 1024
+            print(f"  {label:9s} memory_budget={'default' if budget is None else '2**24':7s}: "
+                  f"peak RSS {r['peak_rss_kb'] / 1024:.0f} MB (+{extra / 2**20:.0f} MB over "
+                  f"baseline = {extra / r['result_bytes']:.1f}x the result), result "
+                  f"{r['result_bytes'] / 2**20:.0f} MB (theta {r['theta_bytes'] / 2**20:.0f} MB), "
+                  f"{r['wall_s']:.0f} s, ok {r['all_ok']}", flush=True)
+        r = _run_child(dict(base, out=str(Path(tmp) / "out"), load=True))
+        mem["load_sweep"] = r
+        extra = (r["peak_rss_kb"] - b0["import_rss_kb"]) * 1024
+        print(f"  dd.load_sweep(out): {r['wall_s']:.1f} s, peak RSS {r['peak_rss_kb'] / 1024:.0f}"
+              f" MB (+{extra / 2**20:.0f} MB over the baseline's imports = "
+              f"{extra / r['result_bytes']:.1f}x the result)", flush=True)
+    sections["memory"] = time.perf_counter() - t_sec
+
+    report["total_s"] = time.perf_counter() - start
+    print("sections (s): " + ", ".join(f"{k} {v:.0f}" for k, v in sections.items())
+          + f"; total {report['total_s']:.0f}", flush=True)
+    save_json(out, "bench", report)
+    jax.monitoring.unregister_event_duration_listener(on_duration)
     return report
 
 
 if __name__ == "__main__":
-    args = parser(__doc__, "bench", FULL_ESTIMATE, "results/bench").parse_args()
-    main(quick=not args.full, out=args.out)
+    cli = parser(__doc__, "bench", FULL_ESTIMATE, "results/bench")
+    cli.add_argument("--solver", default=None, metavar="NAME",
+                     help="also run the B rows with dd.sweep(..., solver=NAME) (default: only "
+                          "the fused fast path)")
+    args = cli.parse_args()
+    main(quick=not args.full, out=args.out, solver=args.solver)

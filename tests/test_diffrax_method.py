@@ -238,3 +238,4 @@ def test_budget_is_max_steps():
     res = dd.sweep(p, solver="tsit5", max_steps=50, explicit_max_steps=10, **_sweep_kw())
     assert not res.ok.any() and np.all(res.num_steps == 50)
     assert np.all(res.result == int(dd.Result.max_steps_reached))
+    assert not res.implicit.any()  # handed back as they are, not stepped by Kvaerno5
