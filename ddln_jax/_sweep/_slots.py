@@ -5,6 +5,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
+from jaxtyping import Array, Float, Int, PyTree
 
 ACTIVE, DONE, CONVERGED, BUDGET, FAILED, EMPTY, STIFF = 0, 1, 2, 3, 4, 5, 6
 # Slot arrays (per device) hold a multiple of this many slots (XLA's CPU kernels treat the
@@ -17,21 +18,32 @@ class Slots(eqx.Module):
     """The state of every slot. The solver state is stored slot-last (the slot axis is the
     contiguous one, which XLA vectorises best); bookkeeping is slot-first."""
 
-    u: jax.Array  # (Lmax, d, S) layers
-    xi: jax.Array  # (d, S)
-    fu: jax.Array  # (Lmax, d, S) derivative at (t, u) (first-same-as-last)
-    fxi: jax.Array  # (d, S)
-    mask: jax.Array  # (Lmax, 1, S) 1 on real layers
-    t: jax.Array  # (S,)
-    dt: jax.Array  # (S,) proposed next step
-    steps: jax.Array  # (S,) attempted steps
-    save_i: jax.Array  # (S,) next save index
-    status: jax.Array  # (S,)
-    saves: jax.Array  # (S, T, d) theta at the save times
-    gid: jax.Array  # (S,) grid index, -1 when empty
-    stiff_run: jax.Array  # (S,) accepted steps in a row at the stability boundary
-    problem: object  # batched problem pytree (leading axis S), or None when shared
-    carry: object = None  # the stepping method's own per-slot state (pytree, slot axis last)
+    u: Float[Array, "Lmax d S"]  # layers (padded ones frozen at 1)
+    xi: Float[Array, "d S"]
+    fu: Float[Array, "Lmax d S"]  # the derivative at (t, u) (first-same-as-last)
+    fxi: Float[Array, "d S"]
+    mask: Float[Array, "Lmax 1 S"]  # 1 on real layers
+    t: Float[Array, " S"]
+    dt: Float[Array, " S"]  # the proposed next step
+    steps: Int[Array, " S"]  # attempted steps
+    save_i: Int[Array, " S"]  # the next save index
+    status: Int[Array, " S"]
+    saves: Float[Array, "S T d"]  # theta at the save times
+    gid: Int[Array, " S"]  # grid index, -1 when empty
+    stiff_run: Int[Array, " S"]  # accepted steps in a row at the stability boundary
+    problem: PyTree  # batched problem (leading axis S), or None when shared
+    carry: PyTree = None  # the stepping method's own per-slot state (slot axis last)
+
+    def __check_init__(self):
+        S, (L, d) = self.t.shape[0], self.u.shape[:2]
+        want = {"u": (L, d, S), "xi": (d, S), "fu": (L, d, S), "fxi": (d, S),
+                "mask": (L, 1, S), "saves": (S, self.saves.shape[1], d)}
+        for f in ("dt", "steps", "save_i", "status", "gid", "stiff_run"):
+            want[f] = (S,)
+        for f, shape in want.items():
+            if getattr(self, f).shape != shape:
+                raise ValueError(f"`Slots.{f}` has shape {getattr(self, f).shape}, expected "
+                                 f"{shape} (S = {S} slots, Lmax = {L}, d = {d}).")
 
 
 _SLOT_LAST = ("u", "xi", "fu", "fxi", "mask")
