@@ -60,11 +60,15 @@ class Book:
     def add(self, raw: dict) -> None:
         with self.lock:
             chunks = self.chunk_of[raw["index"]]
+            done = []
             for c in np.unique(chunks):
                 sel = chunks == c
                 self.rows[c].append({k: v[sel] for k, v in raw.items()})
                 if sum(len(r["index"]) for r in self.rows[c]) == len(self.members(c)):
-                    self._complete(c)
+                    done.append(c)
+            # chunks finished by one retirement share the stepping that finished them
+            for k, c in enumerate(done):
+                self._complete(c, self.spent // (len(done) - k))
 
     def _stacked(self, c: int) -> dict:
         rows = {k: np.concatenate([r[k] for r in self.rows[c]]) for k in RAW}
@@ -73,14 +77,15 @@ class Book:
         perm = np.argsort([pos[g] for g in rows["index"]], kind="stable")
         return {k: v[perm] for k, v in rows.items()}
 
-    def _file(self, c: int, partial: bool) -> dict:
-        spent = self.carried.pop(c) + self.spent
-        self.spent[:] = 0
+    def _file(self, c: int, partial: bool, share=None) -> dict:
+        share = self.spent.copy() if share is None else share
+        self.spent -= share
+        spent = self.carried.pop(c) + share
         return dict(self.write(c, self._stacked(c), partial), work=spent[0],
                     slot_iters=spent[1])
 
-    def _complete(self, c: int) -> None:
-        self.store.write_chunk(c, self._file(c, False))
+    def _complete(self, c: int, share=None) -> None:
+        self.store.write_chunk(c, self._file(c, False, share))
         self.store.log(f"chunk {c} rows {len(self.members(c))}")
         self.store.release(c)
         self.written.append(c)
