@@ -59,9 +59,8 @@ def _gather_finished(slots: Slots, fin, R: int) -> list:
 def _to_host(blocks, stats) -> dict:
     """The gathered rows on the host (the transfer waits for the gathers)."""
     full = [(m, {k: np.asarray(v) for k, v in dev.items()}) for m, dev in blocks]
-    if stats is not None:
-        stats.add(host_syncs=len(blocks), rows_to_host=sum(len(r["t"]) for _, r in full),
-                  bytes_to_host=sum(v.nbytes for _, r in full for v in r.values()))
+    stats.add(host_syncs=len(blocks), rows_to_host=sum(len(r["t"]) for _, r in full),
+              bytes_to_host=sum(v.nbytes for _, r in full for v in r.values()))
     return {k: np.concatenate([r[k][:m] for m, r in full]) for k in full[0][1]}
 
 
@@ -99,6 +98,7 @@ def _drive(slots: Slots, queue, fill, step, on_retire, tail_slots: int, sharding
     buffers), and their host work (`on_retire`: result rows, chunk files) runs after the
     next refill and stepping are dispatched, so it overlaps the device's stepping (JAX's
     asynchronous dispatch)."""
+    stats = Stats() if stats is None else stats
     put_slots = _placer(sharding)[1]
     n_dev = 1 if sharding is None else sharding.mesh.size
     q = SLOT_QUANTUM * n_dev
@@ -139,8 +139,7 @@ def _drive(slots: Slots, queue, fill, step, on_retire, tail_slots: int, sharding
             occupied, gid_host = occupied[idx], gid_host[idx]
             S = tail
             continue
-        if stats is not None:
-            stats.saw(S)
+        stats.saw(S)
         # `advance` counts every finished slot, also those already reported
         reported = int(np.sum((gid_host >= 0) & ~occupied))
         it, w, slots = step(slots, reported + (max(1, S // 8) if not drained else S + 1))
@@ -150,12 +149,10 @@ def _drive(slots: Slots, queue, fill, step, on_retire, tail_slots: int, sharding
         iters += int(it)
         work += int(w)
         fin = occupied & (status != ACTIVE)
-        if stats is not None:
-            stats.add(host_syncs=1, bytes_to_host=status.nbytes + 16, iterations=int(it),
-                      stepping_calls=1)
+        stats.add(host_syncs=1, bytes_to_host=status.nbytes + 16, iterations=int(it),
+                  stepping_calls=1)
         if fin.any():
-            if stats is not None:
-                stats.add(retirements=1)
+            stats.add(retirements=1)
             blocks = _gather_finished(slots, fin, _retire_buffer(S, q))
             pending = (gid_host[fin], blocks, work, iters * S)
             work, iters = 0, 0
