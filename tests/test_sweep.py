@@ -241,7 +241,9 @@ def _stiff_kwargs():
 
 
 @pytest.mark.slow
-def test_sharded_four_host_devices_equals_single(tmp_path):
+def test_four_host_devices_equal_one(tmp_path):
+    # each device steps its own slot arrays (no cross-device reduction), with the arithmetic
+    # of one device: the same bits
     script = textwrap.dedent(
         """
         import sys
@@ -251,29 +253,33 @@ def test_sharded_four_host_devices_equals_single(tmp_path):
         import ddln_jax as dd
         assert len(jax.devices()) == 4, jax.devices()
         p = dd.LeastSquares(jr.normal(jr.key(1), (8, 4)), jr.normal(jr.key(2), (8,)))
-        res = dd.sweep(p, depths=[2, 3, 5], scales=[0.6, 1.2], seeds=[0, 1], t1=10.0,
+        res = dd.sweep(p, depths=[2, 3, 5], scales=[0.6, 1.2], seeds=8, t1=10.0,
                        ts=jnp.linspace(0.0, 10.0, 11), max_chunk=4, progress=False,
-                       key=jr.key(0))
-        # stiff members: the Kvaerno5 phase on the sharded slot axis too
+                       key=jr.key(0))  # 48 points: each of the 4 arrays of 8 slots gets some
+        # stiff members: the Kvaerno5 phase too
         stiff = dd.sweep(p, ts=jnp.linspace(0.0, 1000.0, 11), key=jr.key(0), **STIFF)
         np.savez(sys.argv[1], theta=res.theta, num_steps=res.num_steps,
-                 stiff_theta=stiff.theta, stiff_implicit=stiff.implicit)
+                 devices=res.info["devices"], stiff_theta=stiff.theta,
+                 stiff_implicit=stiff.implicit, stiff_steps=stiff.num_steps)
         """.replace("**STIFF", "**" + repr(_STIFF_ARGS))
     )
-    path = tmp_path / "sharded.npz"
+    path = tmp_path / "devices.npz"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "JAX_PLATFORMS": "cpu"}
     subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env, timeout=600)
-    sharded = np.load(path)
-    single = dd.sweep(_problem(), **KW)
-    # same steps; values equal up to round-off (XLA's per-device code may reorder reductions:
-    # seen 2e-11 relative, amplified from 1e-16 through the adaptive solve)
-    np.testing.assert_allclose(sharded["theta"], single.theta, rtol=1e-9, atol=1e-11)
-    np.testing.assert_array_equal(sharded["num_steps"], single.num_steps)
+    four = np.load(path)
+    # slots were stepped on several devices (which ones depends on the threads' timing: a
+    # device's first call compiles for it)
+    assert len(four["devices"]) >= 2 and set(four["devices"]) <= {0, 1, 2, 3}
+    single = dd.sweep(_problem(), **{**KW, "seeds": 8})
+    assert single.info["devices"] == [0]
+    np.testing.assert_array_equal(four["theta"], single.theta)
+    np.testing.assert_array_equal(four["num_steps"], single.num_steps)
     stiff = dd.sweep(_problem(), **_stiff_kwargs())
     assert stiff.implicit.any()
-    np.testing.assert_array_equal(sharded["stiff_implicit"], stiff.implicit)
-    np.testing.assert_allclose(sharded["stiff_theta"], stiff.theta, rtol=1e-8, atol=1e-10)
+    np.testing.assert_array_equal(four["stiff_implicit"], stiff.implicit)
+    np.testing.assert_array_equal(four["stiff_theta"], stiff.theta)
+    np.testing.assert_array_equal(four["stiff_steps"], stiff.num_steps)
 
 
 def test_to_dataframe():

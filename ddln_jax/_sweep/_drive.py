@@ -11,14 +11,17 @@ from ._slots import ACTIVE, SLOT_QUANTUM, Slots, _gather, _placer, empty_slots, 
 
 
 def _run_worker(queue, placeholder, make_rows, S, max_depth, dim, shared_problem, t0, t1, ts,
-                rtol, atol, gtol, budget, on_retire, segment_iters, tail_slots, sharding,
+                rtol, atol, gtol, budget, on_retire, segment_iters, tail_slots, device,
                 dtype, method=TSIT5, stats=None):
-    """One slot array of `S` slots stepped with `method` over `queue`'s grid points."""
+    """One slot array of `S` slots on `device` (None: the default one) stepped with `method`
+    over `queue`'s grid points."""
     T = ts.shape[0]
-    put, put_slots = _placer(sharding)
+    put = _placer(device)
+    shared_problem, t0, t1, ts, rtol, atol, gtol = put((shared_problem, t0, t1, ts, rtol, atol,
+                                                        gtol))
     _, _, rows0 = make_rows(jnp.full((S,), placeholder))
-    slots = empty_slots(S, max_depth, dim, T, dtype, rows0)
-    slots = put_slots(with_empty_carry(slots, method, shared_problem, rtol, atol))
+    slots = empty_slots(S, max_depth, dim, T, dtype, put(rows0))
+    slots = put(with_empty_carry(slots, method, shared_problem, rtol, atol))
 
     def fill(slots, place, new):  # new trajectories from t0
         S = slots.t.shape[0]
@@ -33,10 +36,10 @@ def _run_worker(queue, placeholder, make_rows, S, max_depth, dim, shared_problem
         return slots, new
 
     def step(slots, retire_at):
-        return advance(slots, shared_problem, t1, ts, rtol, atol, gtol, jnp.asarray(budget),
-                       jnp.asarray(segment_iters), jnp.asarray(retire_at), method)
+        return advance(slots, shared_problem, t1, ts, rtol, atol, gtol, put(jnp.asarray(budget)),
+                       put(jnp.asarray(segment_iters)), put(jnp.asarray(retire_at)), method)
 
-    _drive(slots, queue, fill, step, on_retire, tail_slots, sharding, stats)
+    _drive(slots, queue, fill, step, on_retire, tail_slots, stats)
 
 
 def _retire_buffer(S: int, q: int) -> int:
@@ -71,22 +74,24 @@ class Stats:
         self._lock = threading.Lock()
         self.counts = dict(host_syncs=0, bytes_to_host=0, rows_to_host=0, retirements=0,
                            iterations=0, stepping_calls=0)
-        self.shapes = set()
+        self.shapes, self.devices = set(), set()
 
     def add(self, **counts) -> None:
         with self._lock:
             for k, v in counts.items():
                 self.counts[k] += int(v)
 
-    def saw(self, S: int) -> None:
+    def saw(self, S: int, devices=()) -> None:
         with self._lock:
             self.shapes.add(S)
+            self.devices.update(d.id for d in devices)
 
     def summary(self) -> dict:
-        return {**self.counts, "slot_array_sizes": sorted(self.shapes)}
+        return {**self.counts, "slot_array_sizes": sorted(self.shapes),
+                "devices": sorted(self.devices)}
 
 
-def _drive(slots: Slots, queue, fill, step, on_retire, tail_slots: int, sharding,
+def _drive(slots: Slots, queue, fill, step, on_retire, tail_slots: int,
            stats: Stats | None = None):
     """Step `slots` until `queue` is empty and every slot finished: free slots take the next
     items of `queue` (`fill(slots, place, items) -> (slots, grid indices)`), `step(slots,
@@ -99,10 +104,9 @@ def _drive(slots: Slots, queue, fill, step, on_retire, tail_slots: int, sharding
     next refill and stepping are dispatched, so it overlaps the device's stepping (JAX's
     asynchronous dispatch)."""
     stats = Stats() if stats is None else stats
-    put_slots = _placer(sharding)[1]
-    n_dev = 1 if sharding is None else sharding.mesh.size
-    q = SLOT_QUANTUM * n_dev
+    q = SLOT_QUANTUM
     S = slots.t.shape[0]
+    device = slots.t.devices()  # (migrations keep it)
     if S % q:
         raise ValueError(f"slot arrays must hold a multiple of {q} slots, got {S}.")
     tail = max(-(-max(tail_slots, q) // q) * q, -(-(S // 8) // q) * q)
@@ -135,11 +139,11 @@ def _drive(slots: Slots, queue, fill, step, on_retire, tail_slots: int, sharding
             keep = np.flatnonzero(occupied)
             spare = np.flatnonzero(~occupied)[: tail - keep.size]
             idx = np.concatenate([keep, spare])
-            slots = put_slots(_gather(slots, jnp.asarray(idx)))
+            slots = _gather(slots, jnp.asarray(idx))  # stays on the slots' device
             occupied, gid_host = occupied[idx], gid_host[idx]
             S = tail
             continue
-        stats.saw(S)
+        stats.saw(S, device)
         # `advance` counts every finished slot, also those already reported
         reported = int(np.sum((gid_host >= 0) & ~occupied))
         it, w, slots = step(slots, reported + (max(1, S // 8) if not drained else S + 1))

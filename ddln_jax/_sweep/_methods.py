@@ -77,6 +77,17 @@ def run_threads(fns, stop: threading.Event) -> None:
         raise errors[0]
 
 
+def _serialised(on_retire):
+    """`on_retire` called by one thread at a time."""
+    lock = threading.Lock()
+
+    def call(*a):
+        with lock:
+            on_retire(*a)
+
+    return call
+
+
 class Methods:
     """Everything the stepping needs about a sweep; `explicit` and `implicit` run a queue.
 
@@ -85,29 +96,31 @@ class Methods:
     hand-over; `implicit` then only passes on the members that failed or ran out of steps."""
 
     def __init__(self, *, make_rows, max_depth, dim, shared, t0, t1, ts, rtol, atol, gtol,
-                 sharding, workers: int, slots: int, stop: threading.Event, solver=None,
+                 devices, workers: int, slots: int, stop: threading.Event, solver=None,
                  stats=None):
         self.make_rows, self.max_depth, self.dim, self.shared = make_rows, max_depth, dim, shared
         self.t0, self.t1, self.ts, self.gtol = t0, t1, ts, gtol
         self.rtol, self.atol = jnp.asarray(rtol, float), jnp.asarray(atol, float)
-        self.sharding, self.workers, self.slots, self.stop = sharding, workers, slots, stop
-        self.n_dev = 1 if sharding is None else sharding.mesh.size
-        self.quantum = SLOT_QUANTUM * self.n_dev
+        # `devices`: None (one device: arrays stay where JAX puts them) or this process's
+        # devices; worker i steps its own slot array on devices[i % len(devices)]
+        self.devices, self.workers, self.slots, self.stop = devices, workers, slots, stop
         self.method = None if solver is None else diffrax_method(solver)
         self.stats = stats  # `_drive.Stats` or None
+
+    def device(self, i: int):
+        return None if self.devices is None else self.devices[i % len(self.devices)]
+
+    def on_cpu(self) -> bool:
+        return (jax.devices() if self.devices is None else self.devices)[0].platform == "cpu"
 
     def explicit(self, queue, on_retire, *, budget: int, workers: int, rtol=None, atol=None,
                  ts=None):
         """The fused Tsit5 (or the diffrax method) over `queue`'s grid points in `workers`
         threads, each with its own slot array (`_run_worker`): `on_retire(gids, rows, work,
         slot_iters)` (serialised). Once the queue is empty a worker's busy slots move to one
-        8x smaller array. An implicit diffrax solver runs in one thread (see `implicit`)."""
-        lock = threading.Lock()
-
-        def serialised(*a):
-            with lock:
-                on_retire(*a)
-
+        8x smaller array. An implicit diffrax solver runs in one thread on CPUs (see
+        `implicit`)."""
+        serialised = _serialised(on_retire)
         rtol = self.rtol if rtol is None else jnp.asarray(rtol, float)
         atol = self.atol if atol is None else jnp.asarray(atol, float)
         implicit = self.method is not None and isinstance(self.method.solver,
@@ -115,56 +128,64 @@ class Methods:
         args = (self.make_rows, self.slots // self.workers, self.max_depth, self.dim,
                 self.shared, self.t0, self.t1, self.ts if ts is None else ts, rtol, atol,
                 self.gtol, budget, serialised, _IMPLICIT_SEGMENT if implicit else 256,
-                self.quantum, self.sharding, jnp.float64)
+                SLOT_QUANTUM)
         method = TSIT5 if self.method is None else self.method
-        run_threads([lambda: _run_worker(queue, 0, *args, method, self.stats)]
-                    * (1 if implicit else max(1, workers)), self.stop)
+        n = 1 if implicit and self.on_cpu() else max(1, workers)
+        run_threads([lambda i=i: _run_worker(queue, 0, *args, self.device(i), jnp.float64,
+                                             method, self.stats) for i in range(n)], self.stop)
 
     def implicit(self, rows: dict, gids, depth, problem_rows, on_retire, *, budget: int,
                  num_slots: int = 16):
         """Kvaerno5 from where the explicit stepper stopped, every slot with its own step
-        size, in one array of `num_slots` slots per device refilled as members finish (one
-        compilation whatever their number), in one thread (XLA's CPU runtime deadlocked
-        with two concurrent implicit runs).
+        size, in an array of `num_slots` slots refilled as members finish (one compilation
+        whatever their number): one array and thread per accelerator, all taking members
+        from one queue; on CPUs one (XLA's CPU runtime deadlocked with two concurrent
+        implicit runs).
 
         With a diffrax solver there is no hand-over: the members (failed or out of steps)
         are retired as they are."""
         if self.method is not None:
             on_retire(np.asarray(gids), rows, 0, 0)
             return
-        S = -(-num_slots * self.n_dev // self.quantum) * self.quantum
-        put, put_slots = _placer(self.sharding)
+        S = -(-num_slots // SLOT_QUANTUM) * SLOT_QUANTUM
         gids, depth = np.asarray(gids), np.asarray(depth)
         if problem_rows is not None:
             problem_rows = jax.tree_util.tree_map(np.asarray, problem_rows)
+        queue = StoppableQueue(np.arange(len(gids)), self.stop)
+        serialised = _serialised(on_retire)
 
-        def problems(take):
-            return (None if problem_rows is None else
-                    jax.tree_util.tree_map(lambda x: put(jnp.asarray(x[take])), problem_rows))
+        def run(device):
+            put = _placer(device)
+            shared, t1, ts, rtol, atol, gtol = put((self.shared, self.t1, self.ts, self.rtol,
+                                                    self.atol, self.gtol))
 
-        def fill(slots, place, new):
-            idx = np.zeros(S, np.int64)
-            idx[place] = new
-            replace = np.zeros(S, bool)
-            replace[place] = True
-            gid = np.where(replace, gids[idx], -1)
-            sel = {k: put(jnp.asarray(v[idx])) for k, v in rows.items()}
-            slots = _refill_states(
-                slots, put(jnp.asarray(replace)), sel["u"], sel["xi"], sel["t"], sel["steps"],
-                sel["save_i"], sel["saves"], put(jnp.asarray(gid, jnp.int32)),
-                put(jnp.asarray(depth[idx])), problems(idx), self.shared, self.t1, self.rtol,
-                self.atol)
-            return slots, gids[new]
+            def problems(take):
+                return (None if problem_rows is None else
+                        jax.tree_util.tree_map(lambda x: put(jnp.asarray(x[take])), problem_rows))
 
-        def step(slots, retire_at):
-            return advance(slots, self.shared, self.t1, self.ts, self.rtol, self.atol, self.gtol,
-                           jnp.asarray(budget), jnp.asarray(_IMPLICIT_SEGMENT),
-                           jnp.asarray(retire_at), KVAERNO5)
+            def fill(slots, place, new):
+                idx = np.zeros(S, np.int64)
+                idx[place] = new
+                replace = np.zeros(S, bool)
+                replace[place] = True
+                gid = np.where(replace, gids[idx], -1)
+                sel = {k: put(jnp.asarray(v[idx])) for k, v in rows.items()}
+                slots = _refill_states(
+                    slots, put(jnp.asarray(replace)), sel["u"], sel["xi"], sel["t"],
+                    sel["steps"], sel["save_i"], sel["saves"], put(jnp.asarray(gid, jnp.int32)),
+                    put(jnp.asarray(depth[idx])), problems(idx), shared, t1, rtol, atol)
+                return slots, gids[new]
 
-        def run():
-            slots = put_slots(empty_slots(S, rows["u"].shape[1], self.dim, self.ts.shape[0],
-                                          rows["u"].dtype, problems(np.zeros(S, np.int64))))
-            queue = StoppableQueue(np.arange(len(gids)), self.stop)
-            _drive(slots, queue, fill, step, on_retire, S, self.sharding, self.stats)
+            def step(slots, retire_at):
+                return advance(slots, shared, t1, ts, rtol, atol, gtol,
+                               put(jnp.asarray(budget)), put(jnp.asarray(_IMPLICIT_SEGMENT)),
+                               put(jnp.asarray(retire_at)), KVAERNO5)
 
-        run_threads([run], self.stop)
+            slots = put(empty_slots(S, rows["u"].shape[1], self.dim, self.ts.shape[0],
+                                    rows["u"].dtype, problems(np.zeros(S, np.int64))))
+            _drive(slots, queue, fill, step, serialised, S, self.stats)
+
+        devices = [None] if self.devices is None else self.devices
+        if self.on_cpu():
+            devices = devices[:1]  # (XLA's CPU runtime deadlocked with two concurrent runs)
+        run_threads([lambda d=d: run(d) for d in devices], self.stop)

@@ -4,11 +4,11 @@ their creation, selection and placement on devices. No maths here (see `_fused`)
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
+import numpy as np
 from jaxtyping import Array, Float, Int, PyTree
 
 ACTIVE, DONE, CONVERGED, BUDGET, FAILED, EMPTY, STIFF = 0, 1, 2, 3, 4, 5, 6
-# Slot arrays (per device) hold a multiple of this many slots (XLA's CPU kernels treat the
+# Slot arrays hold a multiple of this many slots (XLA's CPU kernels treat the
 # last few columns of a vectorised loop differently; with whole blocks and the ordered sums
 # of `_fused`, a trajectory's bits depend neither on its slot nor on the array size).
 SLOT_QUANTUM = 8
@@ -102,32 +102,18 @@ def _gather(slots: Slots, idx) -> Slots:
     return Slots(**fields, **trees)
 
 
-def _placer(sharding):
-    """Functions putting slot-first arrays and `Slots` on the devices of `sharding` (a 1-D
-    `NamedSharding` over the slot axis), or leaving them where they are."""
-    if sharding is None:
-        return (lambda x: x), (lambda s: s)
-    mesh, name = sharding.mesh, sharding.spec[0]
+def _placer(device):
+    """A function putting arrays, pytrees and `Slots` on `device` (committed: the jitted
+    stepping then runs there), or leaving them where they are (`device` None)."""
+    if device is None:
+        return lambda x: x
 
-    def put(x):
-        return None if x is None else jax.device_put(x, sharding)
+    def put(tree):  # array leaves only (a problem may hold callables, python floats)
+        return jax.tree_util.tree_map(
+            lambda x: jax.device_put(x, device) if isinstance(x, jax.Array | np.ndarray) else x,
+            tree)
 
-    def put_axis(x, axis):
-        spec = [None] * x.ndim
-        spec[axis] = name
-        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
-
-    def put_slots(s: Slots) -> Slots:
-        fields = {}
-        for f in Slots.__dataclass_fields__:
-            x = getattr(s, f)
-            if f in _TREES:
-                fields[f] = jax.tree_util.tree_map(lambda a, f=f: put_axis(a, _TREES[f]), x)
-            else:
-                fields[f] = put_axis(x, slot_axis(f))
-        return Slots(**fields)
-
-    return put, put_slots
+    return put
 
 
 @jax.jit

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from .._loss import LeastSquares, as_problem
@@ -50,29 +49,28 @@ def check_grid(depths, scales, seeds):
 
 
 def _devices(B, T, dim, max_depth, max_slots, memory_budget, workers):
-    """This process's devices (a 1-D mesh over the slot axis), worker threads and slots."""
+    """This process's devices (None for one), worker threads (each with its own slot array,
+    on device `i % n_dev`) and slots in all."""
     devices = jax.local_devices()  # under `jax.distributed`: this process's share only
     n_dev = len(devices)
-    sharding = NamedSharding(Mesh(np.array(devices), ("batch",)), PartitionSpec("batch"))
     on_cpu = devices[0].platform == "cpu"
     if workers is None:
         # one more thread than cores: a core stays busy while a thread does its host work
-        # (retiring and refilling slots); measured +30 % over one per core on 2 cores
-        workers = (os.cpu_count() or 1) + 1 if on_cpu and n_dev == 1 else 1
+        # (retiring and refilling slots)
+        workers = (os.cpu_count() or 1) + 1 if on_cpu and n_dev == 1 else n_dev
     workers = int(workers)
     if workers < 1:
         raise ValueError(f"`workers` must be >= 1, got {workers}.")
-    if n_dev > 1 and workers > 1:
-        raise ValueError("`workers` > 1 needs a single device (several devices are used by "
-                         "sharding the slot axis); pass workers=1.")
+    if workers % n_dev:
+        raise ValueError(f"`workers` must be a multiple of the number of devices ({n_dev}: "
+                         f"each device steps the same number of slot arrays), got {workers}.")
     if max_slots is None:
-        max_slots = 128 * workers if on_cpu else 2**14
+        max_slots = 128 * workers if on_cpu else 2**14 * n_dev
     # memory per slot: saved theta, the state and the 7 stages of Tsit5
     per_traj = 8 * (T * dim + 24 * (max_depth + 1) * dim)
-    q = SLOT_QUANTUM * n_dev  # each worker's slot array holds whole blocks per device
     per_worker = int(max(1, min(max_slots, memory_budget // per_traj, B) // workers))
-    slots = workers * (-(-per_worker // q) * q)
-    return (sharding if n_dev > 1 else None), workers, slots
+    slots = workers * (-(-per_worker // SLOT_QUANTUM) * SLOT_QUANTUM)
+    return (devices if n_dev > 1 else None), workers, slots
 
 
 def _fingerprint(problem, batched, seeds):
@@ -142,12 +140,13 @@ def sweep(problem, *, depths, scales, seeds, t1, ts, init: str = "gaussian", t0=
         processes.
     - `memory_budget`: bytes for the slots (saved trajectories and solver state); caps the
         number of slots.
-    - `max_slots`: most trajectories stepped at once (sharded over this process's devices).
+    - `max_slots`: most trajectories stepped at once (over this process's devices).
         Default: 128 per worker on a CPU (the cost per slot-step is lowest while a slot array
-        fits the core's cache), 16384 on an accelerator.
+        fits the core's cache), 16384 per accelerator.
     - `workers`: independent slot arrays stepped by as many host threads, all taking grid
-        points from one queue (the result does not depend on it). Default: one per CPU core
-        plus one when running on a single CPU device, else 1.
+        points from one queue (the result does not depend on it); with several devices,
+        worker i steps its array on device i mod their number (a multiple of it). Default:
+        one per CPU core plus one on a single CPU device, else one per device.
     - `max_chunk`: grid points per chunk (the unit of work, of writing and of resume).
     - `explicit_max_steps`: Tsit5 step budget per trajectory. Stiff members (Hairer's test)
         and those that exhaust it continue with Kvaerno5 from where they stopped (up to
@@ -199,13 +198,13 @@ def sweep(problem, *, depths, scales, seeds, t1, ts, init: str = "gaussian", t0=
                 problem=_fingerprint(problem, batched, seeds))
     if method_solver is not None:  # (absent for the fused stepper: older folders resume)
         spec["solver"] = eqx.tree_pformat(method_solver)
-    sharding, workers, slots = _devices(plan.B, ts.shape[0], plan.dim, plan.max_depth,
-                                        max_slots, memory_budget, workers)
+    devices, workers, slots = _devices(plan.B, ts.shape[0], plan.dim, plan.max_depth,
+                                       max_slots, memory_budget, workers)
     plan.block = slots // workers
     stop = threading.Event()
     methods = Methods(make_rows=plan.make_rows, max_depth=plan.max_depth, dim=plan.dim,
                       shared=plan.shared, t0=t0, t1=t1, ts=ts, rtol=rtol, atol=atol,
-                      gtol=None if gtol is None else jnp.asarray(gtol), sharding=sharding,
+                      gtol=None if gtol is None else jnp.asarray(gtol), devices=devices,
                       workers=workers, slots=slots, stop=stop, solver=method_solver)
     owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     store = Store(out, owner, lease_timeout)
