@@ -131,7 +131,9 @@ def _drive(slots: Slots, queue, fill, step, on_retire, tail_slots: int,
             occupied[place] = True
             gid_host[place] = gids
         if not occupied.any():
-            break
+            if not queue.wait():  # (`HandOver`: until more come or none will)
+                break
+            continue
         drained = queue.empty()
         if drained and tail < S and occupied.sum() <= tail:
             # The queue is empty and at most 1/8 of the slots are busy (long, often stiff

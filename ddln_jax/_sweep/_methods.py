@@ -45,6 +45,47 @@ class StoppableQueue:
     def empty(self) -> bool:
         return self.pos >= self.order.size
 
+    def wait(self) -> bool:  # all of it was there from the start: nothing more will come
+        return False
+
+
+class HandOver:
+    """Members handed from the explicit phase to the implicit one while both run: `put`
+    appends (grid index, row) items, `close` says no more will come. `take` hands out
+    positions in `items`; `wait` blocks until an item arrives (True) or none will (False)."""
+
+    def __init__(self, stop: threading.Event):
+        self.items, self.pos, self.closed, self.stop = [], 0, False, stop
+        self.cond = threading.Condition()
+
+    def put(self, items) -> None:
+        with self.cond:
+            self.items.extend(items)
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def take(self, n: int):
+        if self.stop.is_set():
+            raise Stopped
+        with self.cond:
+            out = np.arange(self.pos, min(self.pos + n, len(self.items)))
+            self.pos += out.size
+            return out
+
+    def empty(self) -> bool:
+        with self.cond:
+            return self.closed and self.pos >= len(self.items)
+
+    def wait(self) -> bool:
+        with self.cond:
+            while not (self.closed or self.pos < len(self.items) or self.stop.is_set()):
+                self.cond.wait(0.05)
+            return self.pos < len(self.items)
+
 
 def run_threads(fns, stop: threading.Event) -> None:
     """Run `fns` in threads; the main thread only waits, so Ctrl-C reaches it at once: it
@@ -113,13 +154,13 @@ class Methods:
     def on_cpu(self) -> bool:
         return (jax.devices() if self.devices is None else self.devices)[0].platform == "cpu"
 
-    def explicit(self, queue, on_retire, *, budget: int, workers: int, rtol=None, atol=None,
-                 ts=None):
-        """The fused Tsit5 (or the diffrax method) over `queue`'s grid points in `workers`
-        threads, each with its own slot array (`_run_worker`): `on_retire(gids, rows, work,
-        slot_iters)` (serialised). Once the queue is empty a worker's busy slots move to one
-        8x smaller array. An implicit diffrax solver runs in one thread on CPUs (see
-        `implicit`)."""
+    def explicit_workers(self, queue, on_retire, *, budget: int, workers: int, rtol=None,
+                         atol=None, ts=None) -> list:
+        """Thread bodies stepping the fused Tsit5 (or the diffrax method) over `queue`'s grid
+        points, each with its own slot array (`_run_worker`), worker i on device i mod n:
+        `on_retire(gids, rows, work, slot_iters)` (serialised). Once the queue is empty a
+        worker's busy slots move to one 8x smaller array. An implicit diffrax solver runs
+        in one thread on CPUs (see `implicit_workers`)."""
         serialised = _serialised(on_retire)
         rtol = self.rtol if rtol is None else jnp.asarray(rtol, float)
         atol = self.atol if atol is None else jnp.asarray(atol, float)
@@ -131,27 +172,21 @@ class Methods:
                 SLOT_QUANTUM)
         method = TSIT5 if self.method is None else self.method
         n = 1 if implicit and self.on_cpu() else max(1, workers)
-        run_threads([lambda i=i: _run_worker(queue, 0, *args, self.device(i), jnp.float64,
-                                             method, self.stats) for i in range(n)], self.stop)
+        return [lambda i=i: _run_worker(queue, 0, *args, self.device(i), jnp.float64, method,
+                                        self.stats) for i in range(n)]
 
-    def implicit(self, rows: dict, gids, depth, problem_rows, on_retire, *, budget: int,
-                 num_slots: int = 16):
-        """Kvaerno5 from where the explicit stepper stopped, every slot with its own step
-        size, in an array of `num_slots` slots refilled as members finish (one compilation
-        whatever their number): one array and thread per accelerator, all taking members
-        from one queue; on CPUs one (XLA's CPU runtime deadlocked with two concurrent
-        implicit runs).
+    def explicit(self, queue, on_retire, **kwargs) -> None:
+        """`explicit_workers` run to the end."""
+        run_threads(self.explicit_workers(queue, on_retire, **kwargs), self.stop)
 
-        With a diffrax solver there is no hand-over: the members (failed or out of steps)
-        are retired as they are."""
-        if self.method is not None:
-            on_retire(np.asarray(gids), rows, 0, 0)
-            return
+    def implicit_workers(self, handover: HandOver, on_retire, *, budget: int,
+                         num_slots: int = 16) -> list:
+        """Thread bodies stepping Kvaerno5 from where the explicit stepper stopped, over the
+        members `handover` brings (while the explicit phase runs), every slot with its own
+        step size, in an array of `num_slots` slots refilled as members come and finish (one
+        compilation whatever their number): one array and thread per accelerator; on CPUs
+        one (XLA's CPU runtime deadlocked with two concurrent implicit runs)."""
         S = -(-num_slots // SLOT_QUANTUM) * SLOT_QUANTUM
-        gids, depth = np.asarray(gids), np.asarray(depth)
-        if problem_rows is not None:
-            problem_rows = jax.tree_util.tree_map(np.asarray, problem_rows)
-        queue = StoppableQueue(np.arange(len(gids)), self.stop)
         serialised = _serialised(on_retire)
 
         def run(device):
@@ -159,33 +194,39 @@ class Methods:
             shared, t1, ts, rtol, atol, gtol = put((self.shared, self.t1, self.ts, self.rtol,
                                                     self.atol, self.gtol))
 
-            def problems(take):
-                return (None if problem_rows is None else
-                        jax.tree_util.tree_map(lambda x: put(jnp.asarray(x[take])), problem_rows))
-
             def fill(slots, place, new):
-                idx = np.zeros(S, np.int64)
-                idx[place] = new
+                items = [handover.items[i] for i in new]
+                gids = np.array([g for g, _ in items])
+
+                def full(x):  # S rows: the new ones at `place` (the others are not used)
+                    x = np.asarray(x)
+                    out = np.repeat(x[:1], S, axis=0)
+                    out[place] = x
+                    return put(jnp.asarray(out))
+
+                _, depth, problems = self.make_rows(gids)
+                sel = {k: full(np.stack([r[k] for _, r in items])) for k in items[0][1]}
                 replace = np.zeros(S, bool)
                 replace[place] = True
-                gid = np.where(replace, gids[idx], -1)
-                sel = {k: put(jnp.asarray(v[idx])) for k, v in rows.items()}
+                gid = np.full(S, -1, np.int64)
+                gid[place] = gids
                 slots = _refill_states(
                     slots, put(jnp.asarray(replace)), sel["u"], sel["xi"], sel["t"],
                     sel["steps"], sel["save_i"], sel["saves"], put(jnp.asarray(gid, jnp.int32)),
-                    put(jnp.asarray(depth[idx])), problems(idx), shared, t1, rtol, atol)
-                return slots, gids[new]
+                    full(depth), jax.tree_util.tree_map(full, problems), shared, t1, rtol, atol)
+                return slots, gids
 
             def step(slots, retire_at):
                 return advance(slots, shared, t1, ts, rtol, atol, gtol,
                                put(jnp.asarray(budget)), put(jnp.asarray(_IMPLICIT_SEGMENT)),
                                put(jnp.asarray(retire_at)), KVAERNO5)
 
-            slots = put(empty_slots(S, rows["u"].shape[1], self.dim, self.ts.shape[0],
-                                    rows["u"].dtype, problems(np.zeros(S, np.int64))))
-            _drive(slots, queue, fill, step, serialised, S, self.stats)
+            _, _, problems0 = self.make_rows(np.zeros(S, np.int64))
+            slots = put(empty_slots(S, self.max_depth, self.dim, self.ts.shape[0], jnp.float64,
+                                    problems0))
+            _drive(slots, handover, fill, step, serialised, S, self.stats)
 
         devices = [None] if self.devices is None else self.devices
         if self.on_cpu():
             devices = devices[:1]  # (XLA's CPU runtime deadlocked with two concurrent runs)
-        run_threads([lambda d=d: run(d) for d in devices], self.stop)
+        return [lambda d=d: run(d) for d in devices]

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from ._methods import StoppableQueue, Stopped
+from ._methods import HandOver, StoppableQueue, Stopped, run_threads
 from ._rows import RAW, finish_rows, implicit_finish
 from ._slots import CONVERGED, DONE
 
@@ -176,42 +176,57 @@ class Scheduler:
 
     def _round(self) -> bool:
         """Claim chunks until none is left to claim, step them; returns whether any was
-        claimed."""
-        queue = ChunkQueue(self.store, self.book, self.n_chunks, self.methods.stop)
-        stiff = []
+        claimed. Stiff members (and any that exhausted the explicit budget or failed) go on
+        with Kvaerno5 from where the explicit stepper stopped, in threads that run beside
+        the explicit ones (`HandOver`)."""
+        methods = self.methods
+        queue = ChunkQueue(self.store, self.book, self.n_chunks, methods.stop)
+        handover = HandOver(methods.stop)
+        lock = threading.RLock()  # one retirement at a time, whichever phase
 
         def retire(gids, rows, work, slot_iters):
-            self.book.spend(work, slot_iters)
-            ok = (rows["status"] == DONE) | (rows["status"] == CONVERGED)
-            for i in np.flatnonzero(~ok):
-                stiff.append((int(gids[i]), {k: v[i] for k, v in rows.items()}))
-            if ok.any():
-                self.book.add(finish_rows(gids[ok], {k: v[ok] for k, v in rows.items()},
-                                          self.tsn, self.t1))
-            self.bar.update(int(ok.sum()))
+            with lock:
+                self.book.spend(work, slot_iters)
+                ok = (rows["status"] == DONE) | (rows["status"] == CONVERGED)
+                if (~ok).any():
+                    bad = {k: v[~ok] for k, v in rows.items()}
+                    if methods.method is None:
+                        handover.put([(int(g), {k: v[i] for k, v in bad.items()})
+                                      for i, g in enumerate(gids[~ok])])
+                    else:  # a diffrax solver: no hand-over, retired as they are
+                        retire_stiff(gids[~ok], bad, 0, 0, handed_back=True)
+                if ok.any():
+                    self.book.add(finish_rows(gids[ok], {k: v[ok] for k, v in rows.items()},
+                                              self.tsn, self.t1))
+                self.bar.update(int(ok.sum()))
+
+        def retire_stiff(g, out, work, slot_iters, handed_back=False):
+            with lock:
+                self.book.spend(work, slot_iters)
+                rows = implicit_finish(g, out, self.tsn, self.t1)
+                if handed_back:
+                    rows["implicit"] = np.zeros_like(rows["implicit"])
+                self.book.add(rows)
+                self.bar.update(len(g))
 
         todo = sum(not self.store.complete(c) for c in range(self.n_chunks))
-        self.methods.explicit(queue, retire, budget=self.explicit_max_steps,
-                              workers=min(self.methods.workers, todo * self.book.size))
-        if stiff:
-            self._stiff(stiff)
+        explicit = methods.explicit_workers(queue, retire, budget=self.explicit_max_steps,
+                                            workers=min(methods.workers,
+                                                        todo * self.book.size))
+        left = [len(explicit)]
+
+        def closing(fn):  # the last explicit worker to end closes the hand-over
+            def run():
+                try:
+                    fn()
+                finally:
+                    with lock:
+                        left[0] -= 1
+                        if not left[0]:
+                            handover.close()
+            return run
+
+        implicit = (methods.implicit_workers(handover, retire_stiff, budget=self.max_steps)
+                    if methods.method is None else [])
+        run_threads([closing(fn) for fn in explicit] + implicit, methods.stop)
         return queue.claimed > 0
-
-    def _stiff(self, stiff) -> None:
-        """Stiff members (and any that exhausted the explicit budget or failed): Kvaerno5 from
-        where the explicit stepper stopped, every slot with its own step size."""
-        stiff.sort(key=lambda item: item[0])  # an order independent of the retirements
-        gids = np.array([g for g, _ in stiff])
-        rows = {k: np.stack([r[k] for _, r in stiff]) for k in stiff[0][1]}
-        _, depth, probs = self.make_rows(gids)
-
-        def retire(g, out, work, slot_iters):
-            self.book.spend(work, slot_iters)
-            rows = implicit_finish(g, out, self.tsn, self.t1)
-            if self.methods.method is not None:  # a diffrax solver: handed back, not stepped
-                rows["implicit"] = np.zeros_like(rows["implicit"])
-            self.book.add(rows)
-            self.bar.update(len(g))
-
-        self.methods.implicit(rows, gids, np.asarray(depth), probs if self.batched else None,
-                              retire, budget=self.max_steps)
