@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import jax.numpy as jnp
 import jax.random as jr
@@ -205,6 +206,30 @@ def test_pilot_order_and_slot_migration_do_not_change_results():
     for b in (0, 63):
         single = dd.gradient_flow(plain.initial_layers(b), p, t1=10.0, ts=TS)
         np.testing.assert_allclose(plain.theta[b], single.theta, rtol=1e-7, atol=1e-7)
+
+
+def test_compiled_code_released_near_the_mapping_limit():
+    from ddln_jax._sweep import _sweep
+
+    def maps():
+        return sum(1 for _ in open("/proc/self/maps"))
+
+    dd.sweep(_problem(), **KW)  # compiled programs held by JAX's caches
+    held = _advance.advance._cached._cache_size()
+    assert held > 0
+    before = maps()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _sweep._release_compiled_code(lambda: (100, 65530))  # far from the limit: kept
+    assert _advance.advance._cached._cache_size() == held
+    with pytest.warns(RuntimeWarning, match="max_map_count"):
+        _sweep._release_compiled_code(lambda: (40000, 65530))
+    assert _advance.advance._cached._cache_size() == 0
+    # the mappings of the freed programs' code are returned to the kernel (a sweep's
+    # programs hold ~500 here)
+    assert maps() < before - 100
+    got = _sweep._memory_maps()
+    assert got is not None and got[1] > 0 and abs(got[0] - maps()) < 50
 
 
 def test_bad_arguments():

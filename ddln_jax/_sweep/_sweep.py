@@ -1,6 +1,7 @@
 """`sweep`: check the arguments, plan the grid (chunks, slots), run the chunks (this
 process's share of them), assemble the result from the chunks."""
 
+import gc
 import hashlib
 import importlib.metadata
 import json
@@ -9,6 +10,7 @@ import socket
 import sys
 import threading
 import uuid
+import warnings
 
 import diffrax as dfx
 import equinox as eqx
@@ -71,6 +73,34 @@ def _devices(B, T, dim, max_depth, max_slots, memory_budget, workers):
     per_worker = int(max(1, min(max_slots, memory_budget // per_traj, B) // workers))
     slots = workers * (-(-per_worker // SLOT_QUANTUM) * SLOT_QUANTUM)
     return (devices if n_dev > 1 else None), workers, slots
+
+
+def _memory_maps() -> tuple[int, int] | None:
+    """This process's memory mappings and the kernel's limit on them (Linux; else None)."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f), limit
+    except (OSError, ValueError):
+        return None
+
+
+def _release_compiled_code(maps=_memory_maps) -> None:
+    """Free JAX's compiled programs when the process holds over half the kernel's limit on
+    memory mappings (`vm.max_map_count`): XLA's CPU compiler maps each compiled program's
+    code separately (a sweep's programs take ~500 mappings) and crashes with a segmentation
+    fault once `mmap` fails, after a few thousand compiles in one process."""
+    got = maps()
+    if got is None or got[0] <= got[1] // 2:
+        return
+    warnings.warn(
+        f"this process holds {got[0]} memory mappings (limit vm.max_map_count = {got[1]}), "
+        "mostly the code of JAX's compiled programs: XLA crashes once the limit is reached. "
+        "Calling `jax.clear_caches()` (programs are compiled again when needed); raise the "
+        "limit (`sysctl vm.max_map_count=262144`) to keep them.", RuntimeWarning, stacklevel=3)
+    jax.clear_caches()
+    gc.collect()
 
 
 def _fingerprint(problem, batched, seeds):
@@ -169,6 +199,7 @@ def sweep(problem, *, depths, scales, seeds, t1, ts, init: str = "gaussian", t0=
     **Raises:** `ValueError`/`TypeError` on bad arguments; `KeyboardInterrupt` after saving.
     """
     depths, scales, seeds = check_grid(depths, scales, seeds)
+    _release_compiled_code()
     if init not in INITS:
         raise ValueError(f"`init` must be one of {INITS}, got {init!r}.")
     t0, t1, ts = check_times(t0, t1, ts)
