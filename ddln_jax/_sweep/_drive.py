@@ -24,22 +24,39 @@ def _run_worker(queue, placeholder, make_rows, S, max_depth, dim, shared_problem
     slots = put(with_empty_carry(slots, method, shared_problem, rtol, atol))
 
     def fill(slots, place, new):  # new trajectories from t0
-        S = slots.t.shape[0]
-        gid = np.full(S, -1, np.int64)
-        gid[place] = new
-        replace = np.zeros(S, bool)
-        replace[place] = True
+        replace, gid = _placement(slots.t.shape[0], place, new)
         u0, depth, rows = make_rows(np.where(gid >= 0, gid, placeholder))
         slots = refill(slots, put(jnp.asarray(replace)), put(jnp.asarray(gid, jnp.int32)),
                        put(u0), put(depth), put(rows), shared_problem, t0, t1, ts, rtol, atol,
                        method)
         return slots, new
 
-    def step(slots, retire_at):
-        return advance(slots, shared_problem, t1, ts, rtol, atol, gtol, put(jnp.asarray(budget)),
-                       put(jnp.asarray(segment_iters)), put(jnp.asarray(retire_at)), method)
-
+    step = stepping(put, shared_problem, t1, ts, rtol, atol, gtol, budget, segment_iters,
+                    method)
     _drive(slots, queue, fill, step, on_retire, tail_slots, stats)
+
+
+def _placement(S: int, place, gids):
+    """Host arrays for a refill of `S` slots: the mask of the slots `place` and the grid
+    index of every slot (`gids` there, -1 elsewhere)."""
+    replace = np.zeros(S, bool)
+    replace[place] = True
+    gid = np.full(S, -1, np.int64)
+    gid[place] = gids
+    return replace, gid
+
+
+def stepping(put, shared_problem, t1, ts, rtol, atol, gtol, budget: int, segment_iters: int,
+             method):
+    """`step(slots, retire_at)` for `_drive`: `advance` with `method`, its constants put on
+    the device once."""
+    budget, segment_iters = put((jnp.asarray(budget), jnp.asarray(segment_iters)))
+
+    def step(slots, retire_at):
+        return advance(slots, shared_problem, t1, ts, rtol, atol, gtol, budget, segment_iters,
+                       put(jnp.asarray(retire_at)), method)
+
+    return step
 
 
 def _retire_buffer(S: int, q: int) -> int:

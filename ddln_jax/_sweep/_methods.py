@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._advance import KVAERNO5, TSIT5, _refill_states, advance
+from ._advance import KVAERNO5, TSIT5, _refill_states
 from ._diffrax_method import diffrax_method
-from ._drive import _drive, _run_worker
+from ._drive import _drive, _placement, _run_worker, stepping
 from ._slots import SLOT_QUANTUM, _placer, empty_slots
 
 # iterations per call of the Kvaerno5 stepping: a Kvaerno5 step costs ~50 explicit ones, so
@@ -118,17 +118,6 @@ def run_threads(fns, stop: threading.Event) -> None:
         raise errors[0]
 
 
-def _serialised(on_retire):
-    """`on_retire` called by one thread at a time."""
-    lock = threading.Lock()
-
-    def call(*a):
-        with lock:
-            on_retire(*a)
-
-    return call
-
-
 class Methods:
     """Everything the stepping needs about a sweep; `explicit` and `implicit` run a queue.
 
@@ -136,10 +125,13 @@ class Methods:
     a diffrax solver or its name (`_diffrax_method`): that solver for every member, with no
     hand-over; `implicit` then only passes on the members that failed or ran out of steps."""
 
-    def __init__(self, *, make_rows, max_depth, dim, shared, t0, t1, ts, rtol, atol, gtol,
-                 devices, workers: int, slots: int, stop: threading.Event, solver=None,
-                 stats=None):
-        self.make_rows, self.max_depth, self.dim, self.shared = make_rows, max_depth, dim, shared
+    def __init__(self, *, make_rows, problem_rows, max_depth, dim, shared, t0, t1, ts, rtol,
+                 atol, gtol, devices, workers: int, slots: int, stop: threading.Event,
+                 solver=None, stats=None):
+        # make_rows(gids) -> (initial layers, depths, problems or None);
+        # problem_rows(gids) -> (depths, problems or None), without drawing the layers
+        self.make_rows, self.problem_rows = make_rows, problem_rows
+        self.max_depth, self.dim, self.shared = max_depth, dim, shared
         self.t0, self.t1, self.ts, self.gtol = t0, t1, ts, gtol
         self.rtol, self.atol = jnp.asarray(rtol, float), jnp.asarray(atol, float)
         # `devices`: None (one device: arrays stay where JAX puts them) or this process's
@@ -158,17 +150,17 @@ class Methods:
                          atol=None, ts=None) -> list:
         """Thread bodies stepping the fused Tsit5 (or the diffrax method) over `queue`'s grid
         points, each with its own slot array (`_run_worker`), worker i on device i mod n:
-        `on_retire(gids, rows, work, slot_iters)` (serialised). Once the queue is empty a
+        `on_retire(gids, rows, work, slot_iters)` (called from every worker thread: the
+        caller serialises it if it needs to). Once the queue is empty a
         worker's busy slots move to one 8x smaller array. An implicit diffrax solver runs
         in one thread on CPUs (see `implicit_workers`)."""
-        serialised = _serialised(on_retire)
         rtol = self.rtol if rtol is None else jnp.asarray(rtol, float)
         atol = self.atol if atol is None else jnp.asarray(atol, float)
         implicit = self.method is not None and isinstance(self.method.solver,
                                                           dfx.AbstractImplicitSolver)
         args = (self.make_rows, self.slots // self.workers, self.max_depth, self.dim,
                 self.shared, self.t0, self.t1, self.ts if ts is None else ts, rtol, atol,
-                self.gtol, budget, serialised, _IMPLICIT_SEGMENT if implicit else 256,
+                self.gtol, budget, on_retire, _IMPLICIT_SEGMENT if implicit else 256,
                 SLOT_QUANTUM)
         method = TSIT5 if self.method is None else self.method
         n = 1 if implicit and self.on_cpu() else max(1, workers)
@@ -187,7 +179,6 @@ class Methods:
         compilation whatever their number): one array and thread per accelerator; on CPUs
         one (XLA's CPU runtime deadlocked with two concurrent implicit runs)."""
         S = -(-num_slots // SLOT_QUANTUM) * SLOT_QUANTUM
-        serialised = _serialised(on_retire)
 
         def run(device):
             put = _placer(device)
@@ -196,35 +187,27 @@ class Methods:
 
             def fill(slots, place, new):
                 items = [handover.items[i] for i in new]
-                gids = np.array([g for g, _ in items])
+                replace, gid = _placement(S, place, [g for g, _ in items])
 
                 def full(x):  # S rows: the new ones at `place` (the others are not used)
-                    x = np.asarray(x)
                     out = np.repeat(x[:1], S, axis=0)
                     out[place] = x
                     return put(jnp.asarray(out))
 
-                _, depth, problems = self.make_rows(gids)
                 sel = {k: full(np.stack([r[k] for _, r in items])) for k in items[0][1]}
-                replace = np.zeros(S, bool)
-                replace[place] = True
-                gid = np.full(S, -1, np.int64)
-                gid[place] = gids
+                depth, problems = self.problem_rows(np.where(gid >= 0, gid, items[0][0]))
                 slots = _refill_states(
                     slots, put(jnp.asarray(replace)), sel["u"], sel["xi"], sel["t"],
                     sel["steps"], sel["save_i"], sel["saves"], put(jnp.asarray(gid, jnp.int32)),
-                    full(depth), jax.tree_util.tree_map(full, problems), shared, t1, rtol, atol)
-                return slots, gids
+                    put(depth), put(problems), shared, t1, rtol, atol)
+                return slots, gid[place]
 
-            def step(slots, retire_at):
-                return advance(slots, shared, t1, ts, rtol, atol, gtol,
-                               put(jnp.asarray(budget)), put(jnp.asarray(_IMPLICIT_SEGMENT)),
-                               put(jnp.asarray(retire_at)), KVAERNO5)
-
-            _, _, problems0 = self.make_rows(np.zeros(S, np.int64))
+            step = stepping(put, shared, t1, ts, rtol, atol, gtol, budget, _IMPLICIT_SEGMENT,
+                            KVAERNO5)
+            _, problems0 = self.problem_rows(np.zeros(S, np.int64))
             slots = put(empty_slots(S, self.max_depth, self.dim, self.ts.shape[0], jnp.float64,
                                     problems0))
-            _drive(slots, handover, fill, step, serialised, S, self.stats)
+            _drive(slots, handover, fill, step, on_retire, S, self.stats)
 
         devices = [None] if self.devices is None else self.devices
         if self.on_cpu():

@@ -139,10 +139,10 @@ class ChunkQueue(StoppableQueue):
 class Scheduler:
     """Runs a sweep's chunks in this process (see the module docstring)."""
 
-    def __init__(self, *, store, methods, book: Book, make_rows, batched: bool, tsn, t1,
+    def __init__(self, *, store, methods, book: Book, batched: bool, tsn, t1,
                  explicit_max_steps: int, max_steps: int, bar, poll: float):
         self.store, self.methods, self.book, self.bar = store, methods, book, bar
-        self.make_rows, self.batched, self.tsn, self.t1 = make_rows, batched, tsn, t1
+        self.batched, self.tsn, self.t1 = batched, tsn, t1
         self.explicit_max_steps, self.max_steps, self.poll = explicit_max_steps, max_steps, poll
         self.n_chunks = -(-len(book.order) // book.size)
 

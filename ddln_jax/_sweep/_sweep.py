@@ -233,7 +233,8 @@ def sweep(problem, *, depths, scales, seeds, t1, ts, init: str = "gaussian", t0=
                                        max_slots, memory_budget, workers)
     plan.block = slots // workers
     stop = threading.Event()
-    methods = Methods(make_rows=plan.make_rows, max_depth=plan.max_depth, dim=plan.dim,
+    methods = Methods(make_rows=plan.make_rows, problem_rows=plan.problem_rows,
+                      max_depth=plan.max_depth, dim=plan.dim,
                       shared=plan.shared, t0=t0, t1=t1, ts=ts, rtol=rtol, atol=atol,
                       gtol=None if gtol is None else jnp.asarray(gtol), devices=devices,
                       workers=workers, slots=slots, stop=stop, solver=method_solver)
@@ -257,9 +258,9 @@ def sweep(problem, *, depths, scales, seeds, t1, ts, init: str = "gaussian", t0=
     methods.stats = Stats()
     with tqdm(total=plan.B, initial=done, desc="sweep", unit="traj",
               disable=not progress) as bar:
-        Scheduler(store=store, methods=methods, book=book, make_rows=plan.make_rows,
-                  batched=batched, tsn=tsn, t1=t1, explicit_max_steps=explicit_max_steps,
-                  max_steps=max_steps, bar=bar, poll=min(2.0, lease_timeout / 4)).run()
+        Scheduler(store=store, methods=methods, book=book, batched=batched, tsn=tsn, t1=t1,
+                  explicit_max_steps=explicit_max_steps, max_steps=max_steps, bar=bar,
+                  poll=min(2.0, lease_timeout / 4)).run()
     res = assemble_from(manifest, store)
     res.info.update(methods.stats.summary())  # this call's stepping (not a pilot's)
     return res
@@ -292,6 +293,14 @@ class _Plan:
                            self.key, self.max_depth, self.dim, self.init, self.problem_fn)
                  for i in range(0, padded.size, block)]
         return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs)[:n], *parts)
+
+    def problem_rows(self, gids):
+        """The depths and (for a seed -> problem function) the problems of the grid points
+        `gids`, without drawing their initial layers (for members handed over mid-way)."""
+        gids = np.asarray(gids)
+        probs = (None if self.problem_fn is None else
+                 jax.vmap(self.problem_fn)(jnp.asarray(self.g_seed[gids])))
+        return jnp.asarray(self.g_depth[gids]), probs
 
     def chunk_file(self, raw: dict | None, tsn, size: int, owner: str) -> dict:
         if raw is None:  # a dummy row
