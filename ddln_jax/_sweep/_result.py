@@ -10,7 +10,7 @@ import numpy as np
 from jaxtyping import Bool, Float, Int
 
 from ._rows import DERIVED, RAW
-from ._store import MANIFEST, Store
+from ._store import MANIFEST, Store, release_free_memory
 
 # what each shared axis is, for the errors of `SweepResult.__check_init__`
 _AXES = {
@@ -166,26 +166,33 @@ def _optional(name: str):
         raise ImportError(f"this needs `{name}`: pip install ddln_jax[xarray]") from e
 
 
-def _empty(spec: dict) -> dict:
+def _empty(spec: dict) -> tuple[dict, dict]:
+    """Uninitialised result arrays (`np.empty`: the pages of a large one are not touched,
+    so not resident, until rows are written into them) and each field's fill value for the
+    rows no chunk holds."""
     B = len(spec["depths"]) * len(spec["scales"]) * len(spec["seeds"])
     T, d, Lmax = len(spec["ts"]), spec["dim"], max(spec["depths"])
-    f = np.full
-    return dict(index=np.arange(B), theta=f((B, T, d), np.nan), num_steps=f(B, -1),
-                ok=f(B, False), result=f(B, -1), t_final=f(B, np.nan), implicit=f(B, False),
-                loss=f((B, T), np.nan), sigma=f(B, np.nan),
-                rate=f(B, np.nan), theorem2_rate=f(B, np.nan), layers0=f((B, Lmax, d), np.nan))
+    fill = dict(theta=np.nan, num_steps=-1, ok=False, result=-1, t_final=np.nan,
+                implicit=False, loss=np.nan, sigma=np.nan, rate=np.nan, theorem2_rate=np.nan,
+                layers0=np.nan)
+    shapes = dict(theta=(B, T, d), loss=(B, T), layers0=(B, Lmax, d))
+    rows = {f: np.empty(shapes.get(f, (B,)), np.asarray(v).dtype) for f, v in fill.items()}
+    rows["index"] = np.arange(B)
+    return rows, fill
 
 
-def _merge(spec: dict, parts) -> tuple[dict, Bool[np.ndarray, " B"]]:
+def _merge(spec: dict, parts, consume: bool = False) -> tuple[dict, Bool[np.ndarray, " B"]]:
     """The rows of `parts` in grid order, filled one field of one chunk at a time (chunk
-    files are read lazily); an exact duplicate is dropped, a conflicting one raises."""
-    rows = _empty(spec)
+    files are read lazily); an exact duplicate is dropped, a conflicting one raises.
+    `consume` (parts held in memory, not needed afterwards): each field of a part is
+    dropped from it once copied, so the result is not held twice."""
+    rows, fill = _empty(spec)
     source = np.full(len(rows["index"]), -1)
     for k, (name, part) in enumerate(parts):
         idx = np.asarray(part["index"])
         dup = np.flatnonzero(source[idx] >= 0)
         for f in RAW + DERIVED:
-            values = part[f]
+            values = part.pop(f) if consume and f != "index" else part[f]
             for j in dup:
                 if not np.array_equal(rows[f][idx[j]], values[j], equal_nan=True):
                     raise ValueError(
@@ -195,13 +202,20 @@ def _merge(spec: dict, parts) -> tuple[dict, Bool[np.ndarray, " B"]]:
             rows[f][idx] = values
             del values
         source[idx] = k
-    return rows, source >= 0
+        if consume:
+            release_free_memory()  # the part's arrays, freed: the result does not double
+    missing = source < 0
+    if missing.any():
+        for f, v in fill.items():
+            rows[f][missing] = v
+    return rows, ~missing
 
 
-def assemble(manifest: dict, parts) -> SweepResult:
-    """The `SweepResult` of a sweep's manifest and chunks (missing rows marked)."""
+def assemble(manifest: dict, parts, consume: bool = False) -> SweepResult:
+    """The `SweepResult` of a sweep's manifest and chunks (missing rows marked); `consume`:
+    see `_merge`."""
     spec = manifest["spec"]
-    rows, done = _merge(spec, parts)
+    rows, done = _merge(spec, parts, consume)
     grid = [(L, s, r) for L in spec["depths"] for s in spec["scales"] for r in spec["seeds"]]
     depth, scale, seed = (np.array([g[i] for g in grid]) for i in range(3))
     order, size = np.asarray(manifest["order"]), int(spec["chunk"])
@@ -242,12 +256,15 @@ def load_sweep(out) -> SweepResult:
     return assemble_from(json.loads(path.read_text()), Store(out, "load", 0.0))
 
 
-def assemble_from(manifest: dict, store: Store, tries: int = 5) -> SweepResult:
+def assemble_from(manifest: dict, store: Store, tries: int = 5,
+                  consume: bool = False) -> SweepResult:
     """`assemble` of the chunks in `store`, listed again if a partial chunk file listed
-    disappears while it is read (its chunk completed meanwhile, in another process)."""
+    disappears while it is read (its chunk completed meanwhile, in another process).
+    `consume`: an in-memory store's chunks are emptied field by field as they are merged
+    (the store is not usable afterwards)."""
     for k in range(tries):
         try:
-            return assemble(manifest, store.parts())
+            return assemble(manifest, store.parts(), consume and store.path is None)
         except FileNotFoundError:
             if k == tries - 1:
                 raise

@@ -17,6 +17,7 @@ import numpy as np
 from ._methods import HandOver, StoppableQueue, Stopped, run_threads
 from ._rows import RAW, finish_rows, implicit_finish
 from ._slots import CONVERGED, DONE
+from ._store import release_free_memory
 
 
 class Book:
@@ -69,6 +70,7 @@ class Book:
             # chunks finished by one retirement share the stepping that finished them
             for k, c in enumerate(done):
                 self._complete(c, self.spent // (len(done) - k))
+        release_free_memory()  # the retirement's copies (and the stepping's freed buffers)
 
     def _stacked(self, c: int) -> dict:
         rows = {k: np.concatenate([r[k] for r in self.rows[c]]) for k in RAW}

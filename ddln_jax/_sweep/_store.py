@@ -31,6 +31,27 @@ _TMP_MAX_AGE = 3600.0
 _CHUNK = re.compile(r"chunk_\d{5}(\.partial)?\.npz")
 
 
+def _libc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _libc_trim()
+
+
+def release_free_memory() -> None:
+    """Give the memory freed since the last call back to the OS (glibc: `malloc_trim`; a
+    no-op elsewhere). glibc keeps freed blocks up to its mmap threshold (which rises to
+    32 MiB after the first such block is freed) in its per-thread arenas: without this a
+    sweep's freed slot outputs, chunk copies and merged chunks stay resident."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def _chunk_name(c: int, partial: bool = False) -> str:
     return f"chunk_{c:05d}{'.partial' if partial else ''}.npz"
 

@@ -169,7 +169,8 @@ def sweep(problem, *, depths, scales, seeds, t1, ts, init: str = "gaussian", t0=
         too. `load_sweep(out)` reads the folder, complete or not. Needed with several
         processes.
     - `memory_budget`: bytes for the slots (saved trajectories and solver state); caps the
-        number of slots.
+        number of slots. It does not cover the result itself (held once: chunks are merged
+        into it field by field, each freed once copied) nor JAX's compiled programs.
     - `max_slots`: most trajectories stepped at once (over this process's devices).
         Default: 128 per worker on a CPU (the cost per slot-step is lowest while a slot array
         fits the core's cache), 16384 per accelerator.
@@ -261,7 +262,7 @@ def sweep(problem, *, depths, scales, seeds, t1, ts, init: str = "gaussian", t0=
         Scheduler(store=store, methods=methods, book=book, batched=batched, tsn=tsn, t1=t1,
                   explicit_max_steps=explicit_max_steps, max_steps=max_steps, bar=bar,
                   poll=min(2.0, lease_timeout / 4)).run()
-    res = assemble_from(manifest, store)
+    res = assemble_from(manifest, store, consume=True)  # the store is not used after
     res.info.update(methods.stats.summary())  # this call's stepping (not a pilot's)
     return res
 
