@@ -14,10 +14,10 @@ Prints one line per measurement and writes all of it to bench.json:
   stop times against the sweep's on the same inits.
 - sweep compile time (first B = 1 call minus a second) and, per B (CPU: 1, 64, 256; --full:
   1, 64, 1024, 4096; accelerator: 1e4, 1e5, 1e6): trajectories/s and own steps/s (sum of
-  per-trajectory steps / wall) of `dd.sweep`, the compiles inside the run (jax.monitoring),
-  lockstep efficiency, ratios to the DOP853 and LSODA loops without compile (the run: it
-  includes the compiles of shapes new at this B, counted) and with compile (the run + the
-  sweep compile time), to a plain `jax.vmap(gradient_flow)` (measured up to 64
+  per-trajectory steps / wall) of `dd.sweep`, lockstep efficiency, ratios to the DOP853 and
+  LSODA loops with compile (a first call after `jax.clear_caches()`: every program this B
+  needs is compiled in it, counted with jax.monitoring) and without (a second identical
+  call, checked to give the same bits), to a plain `jax.vmap(gradient_flow)` (measured up to 64
   trajectories: its rate only falls with B) and to the loop of jitted solves; the
   engine counters of `res.info` when present (host syncs/s, bytes moved per retirement); with
   --solver NAME the same rows with `dd.sweep(..., solver=NAME)`. The largest B row is the
@@ -274,8 +274,8 @@ def main(*, quick: bool = True, out="results/bench", solver: str | None = None) 
     with _compiles(compiled) as c:
         report["sweep_compile_s"] = compile_time()
     print(f"sweep compile: {report['sweep_compile_s']:.1f} s (first B=1 call minus a second; "
-          f"{c['n']} backend compiles, {c['s']:.1f} s); 'with compile' below = run + this",
-          flush=True)
+          f"{c['n']} backend compiles, {c['s']:.1f} s); 'with compile' below: a first call "
+          f"at that B", flush=True)
     if solver is not None:
         try:
             report["solver_compile_s"] = compile_time(solver=solver)
@@ -284,27 +284,41 @@ def main(*, quick: bool = True, out="results/bench", solver: str | None = None) 
             print(f"dd.sweep has no `solver=` yet ({e}); --solver {solver} skipped", flush=True)
             report["solver_error"] = str(e)
             solver = None
-    comp = report["sweep_compile_s"]
     vmap_cache = {}
     for B in sizes:
+        # a first call with nothing compiled (what a user's first call in a fresh process
+        # costs: every program this B needs, the stiff members' Kvaerno5 included), then a
+        # second identical call (nothing to compile: the stepping alone)
+        jax.clear_caches()
+        with _compiles(compiled) as c_first:
+            t = time.perf_counter()
+            first = dd.sweep(problem, depths=[DEPTH], scales=[1.0], seeds=range(B), **sweep_kw)
+            first_s = time.perf_counter() - t
         with _compiles(compiled) as c_row:
             t = time.perf_counter()
             res = dd.sweep(problem, depths=[DEPTH], scales=[1.0], seeds=range(B), **sweep_kw)
             sweep_s = time.perf_counter() - t
+        same_bits = bool(np.array_equal(first.theta, res.theta, equal_nan=True)
+                         and np.array_equal(first.num_steps, res.num_steps))
+        del first
         # a plain vmap pays its slowest member for everyone: measured up to `vmap_cap`
         # trajectories (its rate only falls with B), reused above that
         Bv = min(B, vmap_cap)
         if Bv not in vmap_cache:
             vmap_cache[Bv] = vmap_rate(problem, Bv)
         own = float(res.num_steps.sum())
-        rate, rate_c = B / sweep_s, B / (sweep_s + comp)
+        rate, rate_c = B / sweep_s, B / first_s
         row = {
             "B": B,
             "sweep_s": sweep_s,
-            "sweep_with_compile_s": sweep_s + comp,
+            "sweep_with_compile_s": first_s,
+            "first_call_compiles": c_first["n"],
+            "first_call_compile_s": c_first["s"],
+            "first_minus_second_s": first_s - sweep_s,
+            "first_and_second_same_bits": same_bits,
             "sweep_traj_per_s": rate,
             "sweep_steps_per_s": own / sweep_s,
-            "sweep_steps_per_s_with_compile": own / (sweep_s + comp),
+            "sweep_steps_per_s_with_compile": own / first_s,
             "sweep_efficiency": [float(e) for e in res.efficiency],
             "sweep_overall_efficiency": float(res.overall_efficiency),
             "sweep_all_ok": bool(res.ok.all()),
@@ -329,8 +343,9 @@ def main(*, quick: bool = True, out="results/bench", solver: str | None = None) 
         print(f"B={B:5d}: sweep {rate:.1f} traj/s ({row['sweep_steps_per_s']:.3g} steps/s, eff "
               f"{row['sweep_overall_efficiency']:.2f} grid, {min(row['sweep_efficiency']):.2f}-"
               f"{max(row['sweep_efficiency']):.2f} per chunk, {row['sweep_implicit']} implicit, "
-              f"ok {row['sweep_all_ok']}, {c_row['n']} compiles in the run: "
-              f"{c_row['s']:.1f} s) -> /DOP853 {_x(row['sweep_vs_scipy'])} "
+              f"ok {row['sweep_all_ok']}; first call {first_s:.1f} s with {c_first['n']} "
+              f"compiles ({c_first['s']:.1f} s of compiling), second {sweep_s:.1f} s with "
+              f"{c_row['n']}, same bits {same_bits}) -> /DOP853 {_x(row['sweep_vs_scipy'])} "
               f"({_x(row['sweep_vs_dop853_with_compile'])} with compile), /LSODA "
               f"{_x(row['sweep_vs_lsoda'])} ({_x(row['sweep_vs_lsoda_with_compile'])}), "
               f"/vmap(B={Bv}, eff {row['vmap_efficiency']:.2f}) {_x(row['sweep_vs_vmap'])}, "
