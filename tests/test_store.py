@@ -125,12 +125,9 @@ from ddln_jax._sweep._store import _MALLOC_TRIM, release_free_memory
 assert _MALLOC_TRIM is not None, "glibc's malloc_trim not found"
 def rss():  # resident memory in MB, as the kernel counts it
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
-big, small = [], []
-for _ in range(100):  # 2 MB blocks from the heap, each followed by a small block kept alive
-    big.append(np.ones(2**18))
-    small.append(np.ones(2**10))
+blocks = [np.ones(2**18) for _ in range(200)]  # 2 MB each, one after another on the heap
 before = rss()
-del big
+del blocks[::2]  # every other one freed: each between two live ones, none at the top
 freed = rss()
 release_free_memory()
 print(before, freed, rss())

@@ -96,7 +96,7 @@ def test_kill_and_resume(tmp_path):
 def test_no_retrace_across_chunks():
     p = _problem()
     dd.sweep(p, **KW)
-    caches = (_advance._advance_donating._cached, _advance._refill_donating._cached)
+    caches = (_advance.advance._cached, _advance.refill._cached)
     before = [c._cache_size() for c in caches]
     # another grid of the same size: new depths, scales and seeds, more slot refills
     dd.sweep(p, **{**KW, "depths": [2, 4, 5], "scales": [0.7, 1.1], "seeds": [5, 6],
@@ -215,16 +215,16 @@ def test_compiled_code_released_near_the_mapping_limit():
         return sum(1 for _ in open("/proc/self/maps"))
 
     dd.sweep(_problem(), **KW)  # compiled programs held by JAX's caches
-    held = _advance._advance_donating._cached._cache_size()
+    held = _advance.advance._cached._cache_size()
     assert held > 0
     before = maps()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _sweep._release_compiled_code(lambda: (100, 65530))  # far from the limit: kept
-    assert _advance._advance_donating._cached._cache_size() == held
+    assert _advance.advance._cached._cache_size() == held
     with pytest.warns(RuntimeWarning, match="max_map_count"):
         _sweep._release_compiled_code(lambda: (40000, 65530))
-    assert _advance._advance_donating._cached._cache_size() == 0
+    assert _advance.advance._cached._cache_size() == 0
     # the mappings of the freed programs' code are returned to the kernel (a sweep's
     # programs hold ~500 here)
     assert maps() < before - 100

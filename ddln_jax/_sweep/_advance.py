@@ -148,22 +148,11 @@ def with_empty_carry(slots: Slots, method, shared_problem, rtol, atol) -> Slots:
                                                      shapes))
 
 
+@eqx.filter_jit
 def refill(slots: Slots, replace, gid, u0, depth, problem_rows, shared_problem, t0, t1, ts,
            rtol, atol, method=TSIT5):
     """Put new trajectories into the slots where `replace` (host-built, fixed shapes; `u0` is
-    slot-first (S, Lmax, d)). Slots with `replace` and `gid < 0` are emptied. `slots` is
-    donated (its buffers are reused for the result: do not use it afterwards)."""
-    return _refill_donating((replace, gid, u0, depth, problem_rows, shared_problem, t0, t1,
-                             ts, rtol, atol, method), slots)
-
-
-@eqx.filter_jit(donate="all-except-first")  # donates `slots` only
-def _refill_donating(args, slots: Slots):
-    return _refill(slots, *args)
-
-
-def _refill(slots: Slots, replace, gid, u0, depth, problem_rows, shared_problem, t0, t1, ts,
-            rtol, atol, method=TSIT5):
+    slot-first (S, Lmax, d)). Slots with `replace` and `gid < 0` are emptied."""
     at_t0 = ts[0] <= t0
     theta0 = _theta(jnp.transpose(u0, (1, 2, 0)))
     saves = slots.saves.at[:, 0].set(jnp.where(at_t0, theta0, slots.saves[:, 0]))
@@ -192,22 +181,16 @@ def _status(s: Slots, p: Step, accept, active, h, t, steps, stiff_run, rest_dt, 
     return jnp.where((status == ACTIVE) & (steps >= budget), BUDGET, status)
 
 
+@eqx.filter_jit
 def advance(slots: Slots, shared_problem, t1, ts, rtol, atol, gtol, budget, max_iters,
             retire_at, method=TSIT5):
     """Step every active slot with `method` until `max_iters` iterations, or `retire_at`
     slots have finished, or none is active. Returns (iterations, sum of active slots over
-    them, slots). `slots` is donated: its buffers (the saves above all) are updated in
-    place, not copied into a new slot array at every call; do not use it afterwards.
+    them, slots).
 
     With `method.hands_over` (the fused Tsit5) a slot is marked STIFF when h times the
     estimated stiff eigenvalue stays at the stability boundary for `STIFF_STEPS` accepted
     steps in a row (`KVAERNO5`, implicit and L-stable, is for those)."""
-    return _advance_donating((shared_problem, t1, ts, rtol, atol, gtol, budget, max_iters,
-                              retire_at, method), slots)
-
-
-def _advance(slots: Slots, shared_problem, t1, ts, rtol, atol, gtol, budget, max_iters,
-             retire_at, method=TSIT5):
     batched = slots.problem is not None
     T = ts.shape[0]
 
@@ -260,11 +243,6 @@ def _advance(slots: Slots, shared_problem, t1, ts, rtol, atol, gtol, budget, max
         return it + 1, work + jnp.sum(s.status == ACTIVE), step(s)
 
     return jax.lax.while_loop(cond, body, (jnp.asarray(0), jnp.asarray(0), slots))
-
-
-@eqx.filter_jit(donate="all-except-first")  # donates `slots` only
-def _advance_donating(args, slots: Slots):
-    return _advance(slots, *args)
 
 
 @eqx.filter_jit

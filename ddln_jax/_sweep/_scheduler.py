@@ -70,7 +70,8 @@ class Book:
             # chunks finished by one retirement share the stepping that finished them
             for k, c in enumerate(done):
                 self._complete(c, self.spent // (len(done) - k))
-        release_free_memory()  # the retirement's copies (and the stepping's freed buffers)
+        # the retirements' copies and the stepping's freed buffers (once a second at most)
+        release_free_memory(1.0)
 
     def _stacked(self, c: int) -> dict:
         rows = {k: np.concatenate([r[k] for r in self.rows[c]]) for k in RAW}
