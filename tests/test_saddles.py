@@ -5,6 +5,7 @@ scipy `linprog`/`lstsq`. Nothing is compared with numbers of the code under test
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 from scipy.integrate import quad, solve_ivp
 from scipy.optimize import brentq, linprog
 
@@ -267,7 +268,7 @@ def test_detect_plateaus_synthetic():
     def curve(t):
         out = np.full_like(t, levels[-1])
         for c, a, b in zip(centres, levels[:-1], levels[1:]):
-            out += (a - b) / (1 + np.exp((t - c) / width))
+            out += (a - b) * scipy.special.expit(-(t - c) / width)  # 1 / (1 + e^((t-c)/w))
         return out
 
     found = dd.detect_plateaus((ts, curve(ts)))
