@@ -33,8 +33,16 @@ def make_rows(gids: Int[Array, " n"], gd: Int[Array, " B"], gs: Float[Array, " B
     keys = jax.vmap(lambda r: jr.fold_in(key, r))(gr[gids])
     u0 = jax.vmap(lambda k, d, sc: init_padded(k, d, max_depth, dim, sc, init))(
         keys, gd[gids], gs[gids])
+    return (u0, *problem_rows(gids, gd, gr, problem_fn))
+
+
+@eqx.filter_jit
+def problem_rows(gids: Int[Array, " n"], gd: Int[Array, " B"], gr: Int[Array, " B"],
+                 problem_fn: Callable | None) -> tuple[Int[Array, " n"], PyTree | None]:
+    """`make_rows` without the initial layers: the depths and (for a seed -> problem
+    function) the problems of the grid points `gids` (for members handed over mid-way)."""
     probs = None if problem_fn is None else jax.vmap(problem_fn)(gr[gids])
-    return u0, gd[gids], probs
+    return gd[gids], probs
 
 
 @eqx.filter_jit

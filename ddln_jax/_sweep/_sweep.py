@@ -26,7 +26,7 @@ from ._diffrax_method import diffrax_method
 from ._drive import Stats
 from ._methods import Methods, StoppableQueue
 from ._result import SweepResult, assemble_from
-from ._rows import INITS, derived, make_rows
+from ._rows import INITS, derived, make_rows, problem_rows
 from ._scheduler import Book, Scheduler
 from ._slots import BUDGET, SLOT_QUANTUM
 from ._store import Store
@@ -298,10 +298,7 @@ class _Plan:
     def problem_rows(self, gids):
         """The depths and (for a seed -> problem function) the problems of the grid points
         `gids`, without drawing their initial layers (for members handed over mid-way)."""
-        gids = np.asarray(gids)
-        probs = (None if self.problem_fn is None else
-                 jax.vmap(self.problem_fn)(jnp.asarray(self.g_seed[gids])))
-        return jnp.asarray(self.g_depth[gids]), probs
+        return problem_rows(jnp.asarray(gids), self.gd, self.gr, self.problem_fn)
 
     def chunk_file(self, raw: dict | None, tsn, size: int, owner: str) -> dict:
         if raw is None:  # a dummy row
