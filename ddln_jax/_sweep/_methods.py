@@ -172,7 +172,7 @@ class Methods:
         run_threads(self.explicit_workers(queue, on_retire, **kwargs), self.stop)
 
     def implicit_workers(self, handover: HandOver, on_retire, *, budget: int,
-                         num_slots: int = 16) -> list:
+                         num_slots: int = 8) -> list:
         """Thread bodies stepping Kvaerno5 from where the explicit stepper stopped, over the
         members `handover` brings (while the explicit phase runs), every slot with its own
         step size, in an array of `num_slots` slots refilled as members come and finish (one
