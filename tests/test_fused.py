@@ -11,6 +11,7 @@ import pytest
 
 import ddln_jax as dd
 from ddln_jax._sweep import _advance, _fused
+from ddln_jax._sweep._slots import empty_slots
 
 
 def _slots(problem, u, depth):
@@ -93,3 +94,46 @@ def test_small_inverse_equals_numpy(n):
     ref = np.linalg.inv(np.moveaxis(a, (0, 1), (-2, -1)))
     np.testing.assert_allclose(np.moveaxis(inv, (0, 1), (-2, -1)), ref, rtol=1e-9,
                                atol=1e-9 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("loss", ["least_squares", "logistic"])
+def test_kvaerno5_steps_do_not_depend_on_the_slot_or_the_array_size(loss):
+    # The stiff members' array (4 slots on CPUs, not a multiple of the explicit arrays' 8)
+    # takes members in the order they are handed over, which depends on thread timing: a
+    # member's steps must be the same bits in any slot, beside any neighbours, in 4 or 8 slots
+    kx, ky, ku = jr.split(jr.key(5), 3)
+    X = jr.normal(kx, (10, 6))
+    if loss == "least_squares":
+        problem = dd.LeastSquares(X, jr.normal(ky, (10,)))
+    else:
+        problem = dd.Logistic(X, jnp.sign(jr.normal(ky, (10,))))
+    L, d, T, t1 = 5, 6, 5, 20.0
+    members = 2.0 * jr.normal(ku, (8, L, d))  # large inits: stiff after the transient
+    depth = jnp.array([5, 3, 4, 5, 2, 5, 3, 4])
+    ts = jnp.linspace(0.0, t1, T)
+
+    def run(order):
+        S = len(order)
+        slots = _advance.with_empty_carry(empty_slots(S, L, d, T, jnp.float64),
+                                          _advance.KVAERNO5, problem, 1e-8, 1e-10)
+        order = np.asarray(order)
+        slots = _advance.refill(slots, jnp.ones(S, bool), jnp.asarray(order, jnp.int32),
+                                members[order], depth[order], None, problem, 0.0, t1, ts,
+                                1e-8, 1e-10, _advance.KVAERNO5)
+        _, _, out = _advance.advance(slots, problem, t1, ts, 1e-8, 1e-10, None,
+                                     jnp.asarray(10**6), jnp.asarray(60), jnp.asarray(S + 1),
+                                     _advance.KVAERNO5)
+        got = {}
+        for slot, m in enumerate(order):
+            got[int(m)] = (np.asarray(out.u[..., slot]), np.asarray(out.saves[slot]),
+                           float(out.t[slot]), int(out.steps[slot]), float(out.dt[slot]))
+        return got
+
+    runs = [run([0, 1, 2, 3]), run([3, 2, 1, 0]), run([2, 0, 3, 1]),
+            run([4, 5, 6, 7, 0, 1, 2, 3]), run([1, 7, 3, 5, 0, 6, 2, 4])]
+    first = runs[0]
+    assert all(0 < first[m][2] < t1 for m in first)  # mid-way after 60 implicit steps
+    for other in runs[1:]:
+        for m in first:
+            for a, b in zip(first[m], other[m]):
+                np.testing.assert_array_equal(a, b)

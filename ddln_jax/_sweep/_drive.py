@@ -124,9 +124,10 @@ def _drive(slots: Slots, queue, fill, step, on_retire, tail_slots: int,
     q = SLOT_QUANTUM
     S = slots.t.shape[0]
     device = slots.t.devices()  # (migrations keep it)
-    if S % q:
-        raise ValueError(f"slot arrays must hold a multiple of {q} slots, got {S}.")
     tail = max(-(-max(tail_slots, q) // q) * q, -(-(S // 8) // q) * q)
+    if S % q and tail < S:  # (an array that never moves, as the stiff members', may be small)
+        raise ValueError(f"slot arrays that move to a tail array must hold a multiple of {q} "
+                         f"slots, got {S}.")
     occupied = np.zeros(S, bool)
     gid_host = np.full(S, -1, np.int64)
     work, iters = 0, 0

@@ -181,7 +181,7 @@ def sweep(problem, *, depths, scales, seeds, t1, ts, init: str = "gaussian", t0=
     - `max_chunk`: grid points per chunk (the unit of work, of writing and of resume).
     - `explicit_max_steps`: Tsit5 step budget per trajectory. Stiff members (Hairer's test)
         and those that exhaust it continue with Kvaerno5 from where they stopped (up to
-        `max_steps` in all), in an 8-slot array (per device) refilled as they finish.
+        `max_steps` in all), in a 4-slot array (16 per accelerator) refilled as they finish.
     - `pilot`: first estimate every trajectory's cost with a loose-tolerance run and queue
         the longest first (fewer slots idle at the end; costs an extra ~half run).
     - `progress`: a progress bar over trajectories (and "resuming: k of B done").
