@@ -203,6 +203,19 @@ def _hessians(theta, problem, batched):
     return jnp.transpose(hess(problem, theta), (1, 2, 0))
 
 
+def _pair_products(u):
+    """e_jk = prod_{m != j, k} u^m for every pair of layers: (L, d, S) -> (L, L, d, S), by
+    whole-array products in layer order (the L^2 prefix-suffix products, unrolled, took
+    seconds to compile)."""
+    L = u.shape[0]
+    layer = np.arange(L)
+    out = jnp.ones((L, L) + u.shape[1:], u.dtype)
+    for m in range(L):
+        skip = jnp.asarray((layer[:, None] == m) | (layer[None, :] == m))[:, :, None, None]
+        out = out * jnp.where(skip, 1.0, u[m][None, None])
+    return out
+
+
 def _chord_solver(s: Slots, c, problem, batched):
     """x -> (I - c J)^-1 x per slot (slot-last (L, d, S)), J the Jacobian of the masked layer
     vector field at the slot's state, without forming the (L d) x (L d) matrix.
@@ -218,24 +231,21 @@ def _chord_solver(s: Slots, c, problem, batched):
     excl, theta = _exclusive_products(s.u)
     e = excl * m
     g = -s.fxi  # the derivative of xi is -grad L(theta) at the slot's state
-    ones = jnp.ones_like(s.u[0])
-    P = []
-    for j in range(L):
-        pair, _ = _exclusive_products(s.u.at[j].set(ones))  # pair[k] = e_jk for k != j
-        P.append([jnp.where(j == k, ones, c * g * pair[k] * m[j] * m[k]) for k in range(L)])
-    Pinv = _small_inv(jnp.stack([jnp.stack(r) for r in P]))  # (L, L, d, S)
+    off_diagonal = jnp.asarray(~np.eye(L, dtype=bool))[:, :, None, None]
+    P = jnp.where(off_diagonal, c * g * _pair_products(s.u) * (m[:, None] * m[None, :]), 1.0)
+    Pinv = _small_inv(P)  # (L, L, d, S)
 
-    def p_solve(r):
-        return jnp.stack([sum(Pinv[j, k] * r[k] for k in range(L)) for j in range(L)])
+    def p_solve(r):  # whole-array operations, few of them (compile time)
+        return sum(Pinv[:, k] * r[k] for k in range(L))
 
-    K = sum(e[j] * p_solve(e)[j] for j in range(L))  # (d, S)
+    K = _ordered_sum(e * p_solve(e))  # (d, S)
     cH = c * _hessians(theta.T, problem, batched)  # (d, d, S)
     M = jnp.eye(d)[:, :, None] + cH * K[None]
     Q = jnp.einsum("iks,kjs->ijs", _small_inv(M), cH)  # (I + c H K)^-1 c H
 
     def solve(r):
         y = p_solve(r)
-        q = jnp.einsum("ijs,js->is", Q, sum(e[j] * y[j] for j in range(L)))
+        q = jnp.einsum("ijs,js->is", Q, _ordered_sum(e * y))
         return y - p_solve(e * q[None])
 
     return solve
