@@ -29,7 +29,9 @@ Prints one line per measurement and writes all of it to bench.json:
 - peak host memory, each run in its own process (ru_maxrss of RUSAGE_CHILDREN in a small
   launcher process): sweeps of B = 512 (--full 2048) trajectories x 2000 save times, in
   memory or streamed to `out=`, default memory budget or 2**24, next to the result's size
-  and a baseline process (imports + a one-trajectory sweep); `dd.load_sweep` of the folder.
+  and a baseline process (imports + a one-trajectory sweep); `dd.load_sweep` of the folder;
+  a B = 256 sweep (it compiles the same programs, stiff members' included), and the memory
+  each further trajectory costs: (peak(B) - peak(256)) / (result(B) - result(256)).
 """
 
 import json
@@ -55,6 +57,7 @@ FULL_ESTIMATE = "29.5 min measured, with other jobs running,"
 DEPTH, DIM, N, T1, RTOL, ATOL, GTOL = 6, 8, 10, 50.0, 1e-8, 1e-10, 1e-7
 COUNTERS = ("host_syncs", "bytes_to_host", "retirements", "compiles")
 MEM_T = 2000  # save times of the memory rows
+MEM_REF_B = 256  # the memory rows' reference sweep (the same compiled programs, a small result)
 
 # a child process of the memory rows: imports jax + ddln_jax only, runs one sweep (or
 # `load_sweep`), prints its numbers as one JSON line; the parent reads its peak RSS
@@ -476,6 +479,15 @@ def main(*, quick: bool = True, out="results/bench", solver: str | None = None) 
                   f"baseline = {extra / r['result_bytes']:.1f}x the result), result "
                   f"{r['result_bytes'] / 2**20:.0f} MB (theta {r['theta_bytes'] / 2**20:.0f} MB), "
                   f"{r['wall_s']:.0f} s, ok {r['all_ok']}", flush=True)
+        ref = _run_child(dict(base, B=MEM_REF_B))
+        mem["reference"] = ref
+        per = ((mem["rows"][0]["peak_rss_kb"] - ref["peak_rss_kb"]) * 1024
+               / (mem["rows"][0]["result_bytes"] - ref["result_bytes"]))
+        mem["marginal"] = per
+        print(f"  B={MEM_REF_B} (the same compiled programs): peak RSS "
+              f"{ref['peak_rss_kb'] / 1024:.0f} MB, result {ref['result_bytes'] / 2**20:.0f} MB; "
+              f"each further trajectory in memory costs {per:.2f}x its result's bytes "
+              f"(B={mem_B} against B={MEM_REF_B}, default budget)", flush=True)
         r = _run_child(dict(base, out=str(Path(tmp) / "out"), load=True))
         mem["load_sweep"] = r
         extra = (r["peak_rss_kb"] - b0["import_rss_kb"]) * 1024

@@ -313,3 +313,44 @@ def test_to_dataframe():
     assert list(df["depth"]) == [2, 2] and list(df["scale"]) == [0.6, 1.2]
     np.testing.assert_allclose(df["final_loss"], res.loss[:, -1])
     assert set(res.to_dict()) >= {"theta", "ok", "num_steps", "sigma", "done"}
+
+
+def test_chunk_rows_in_chunk_order_whatever_the_arrivals():
+    # rows of two chunks arrive in pieces, out of order and mixed; a complete chunk's file
+    # holds them in the chunk's order (as `order` lists them), a partial one the rows that
+    # arrived (in that order), and integer fields keep the widest type that arrived
+    from ddln_jax._sweep._rows import RAW
+    from ddln_jax._sweep._scheduler import Book
+    from ddln_jax._sweep._store import Store
+
+    rng = np.random.default_rng(0)
+    order = rng.permutation(10)
+    store = Store(None, "test", 60.0)
+    book = Book(store, order, 6, lambda c, raw, partial: {k: np.array(v) for k, v in raw.items()})
+    for c in (0, 1):
+        assert store.claim(c)
+        book.open(c)
+
+    def rows(gids, steps_dtype):
+        gids = np.asarray(gids)
+        return dict(index=gids, theta=gids[:, None, None] + np.zeros((1, 3, 2)),
+                    num_steps=(10 * gids).astype(steps_dtype), ok=gids % 2 == 0,
+                    result=gids.astype(np.int32), t_final=gids / 7.0, implicit=gids > 4)
+
+    arrival = rng.permutation(10)
+    book.add(rows(arrival[:3], np.int32))
+    book.add(rows(arrival[3:7], np.int64))
+    done = [c for c in (0, 1) if set(order[6 * c:6 * c + 6]) <= set(arrival[:7])]
+    book.save_partial()
+    for name, part in store.parts():
+        c = int(name.split("_")[1][:5])
+        members = order[6 * c:6 * c + 6]
+        want = members[np.isin(members, arrival[:7])]  # in the chunk's order
+        if c in done:
+            assert not name.endswith("partial.npz")
+        np.testing.assert_array_equal(part["index"], want)
+        expect = rows(want, np.int64)
+        for k in RAW:  # values (types: below)
+            np.testing.assert_array_equal(part[k], expect[k])
+        wide = np.isin(members, arrival[3:7]).any()
+        assert part["num_steps"].dtype == (np.int64 if wide else np.int32)

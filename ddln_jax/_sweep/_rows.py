@@ -100,10 +100,10 @@ def finish_rows(gids: Int[np.ndarray, " n"], rows: dict, tsn: Float[np.ndarray, 
                 t1: Float[Array, ""]) -> dict:
     """Explicit results to sweep rows (the `RAW` fields): saves after a steady-state stop hold
     the final state. `rows`: the retired slots of `gids`, as `_drive` gives them."""
-    theta = rows["saves"].copy()
+    theta = np.array(rows["saves"])  # a copy, written in place (no second one)
     final = np.prod(rows["u"], axis=1)
     after = np.arange(theta.shape[1])[None, :] >= rows["save_i"][:, None]
-    theta = np.where(after[..., None], final[:, None, :], theta)
+    np.copyto(theta, final[:, None, :], where=after[..., None])
     conv = rows["status"] == CONVERGED
     result = np.where(conv, int(Result.event_occurred), int(Result.successful))
     return dict(index=np.asarray(gids), theta=theta, num_steps=rows["steps"],

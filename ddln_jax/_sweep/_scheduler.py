@@ -20,6 +20,45 @@ from ._slots import CONVERGED, DONE
 from ._store import release_free_memory
 
 
+class _Rows:
+    """A chunk's finished rows, each written in place at its position in the chunk as it
+    arrives (`np.empty` buffers: pages are resident once rows are written), so that a
+    completed chunk is its buffers, in the chunk's order, without being concatenated and
+    permuted (two copies of the chunk, at the end of a sweep for most chunks)."""
+
+    def __init__(self, members):
+        self.members = np.asarray(members)
+        self.sorter = np.argsort(self.members, kind="stable")
+        self.have = np.zeros(len(self.members), bool)
+        self.buf: dict[str, np.ndarray] = {}
+
+    def put(self, raw: dict) -> None:
+        idx = np.asarray(raw["index"])
+        at = self.sorter[np.searchsorted(self.members, idx, sorter=self.sorter)]
+        if not np.array_equal(self.members[at], idx):
+            raise ValueError(f"rows {idx[self.members[at] != idx]} are not in this chunk")
+        for k in RAW:
+            v = np.asarray(raw[k])
+            if k not in self.buf:
+                self.buf[k] = np.empty((len(self.members),) + v.shape[1:], v.dtype)
+            elif np.result_type(self.buf[k], v) != self.buf[k].dtype:  # as concatenating
+                self.buf[k] = self.buf[k].astype(np.result_type(self.buf[k], v))
+            self.buf[k][at] = v
+        self.have[at] = True
+
+    def full(self) -> bool:
+        return bool(self.have.all())
+
+    def stacked(self) -> dict:
+        """The rows finished, in the chunk's order."""
+        if self.full():
+            return self.buf
+        return {k: v[self.have] for k, v in self.buf.items()}
+
+    def __bool__(self) -> bool:
+        return bool(self.have.any())
+
+
 class Book:
     """The chunks this process holds and their finished rows. `write(c, raw, partial)`
     returns a chunk's file contents (derived fields added) from its raw rows."""
@@ -28,7 +67,7 @@ class Book:
         self.store, self.order, self.size, self.write = store, order, size, write
         self.chunk_of = np.empty(len(order), int)
         self.chunk_of[order] = np.arange(len(order)) // size
-        self.rows: dict[int, list] = {}
+        self.rows: dict[int, _Rows] = {}
         # slot-steps and slot-iterations since the last chunk was written (they go with the
         # next one, as the lockstep efficiency of the stepping that finished it), and those
         # an interrupted run recorded in a chunk's partial file
@@ -45,7 +84,9 @@ class Book:
         still to compute."""
         part = self.store.read_partial(c)
         with self.lock:
-            self.rows[c] = [] if part is None else [{k: part[k] for k in RAW}]
+            self.rows[c] = _Rows(self.members(c))
+            if part is not None:
+                self.rows[c].put(part)
             self.carried[c] = (np.zeros(2, np.int64) if part is None else
                                np.array([part["work"], part["slot_iters"]], np.int64))
             have = [] if part is None else part["index"]
@@ -64,8 +105,8 @@ class Book:
             done = []
             for c in np.unique(chunks):
                 sel = chunks == c
-                self.rows[c].append({k: v[sel] for k, v in raw.items()})
-                if sum(len(r["index"]) for r in self.rows[c]) == len(self.members(c)):
+                self.rows[c].put({k: raw[k][sel] for k in RAW})
+                if self.rows[c].full():
                     done.append(c)
             # chunks finished by one retirement share the stepping that finished them
             for k, c in enumerate(done):
@@ -73,18 +114,11 @@ class Book:
         # the retirements' copies and the stepping's freed buffers (once a second at most)
         release_free_memory(1.0)
 
-    def _stacked(self, c: int) -> dict:
-        rows = {k: np.concatenate([r[k] for r in self.rows[c]]) for k in RAW}
-        # in the chunk's order, whatever the order of finishing
-        pos = {g: i for i, g in enumerate(self.members(c))}
-        perm = np.argsort([pos[g] for g in rows["index"]], kind="stable")
-        return {k: v[perm] for k, v in rows.items()}
-
     def _file(self, c: int, partial: bool, share=None) -> dict:
         share = self.spent.copy() if share is None else share
         self.spent -= share
         spent = self.carried.pop(c) + share
-        return dict(self.write(c, self._stacked(c), partial), work=spent[0],
+        return dict(self.write(c, self.rows[c].stacked(), partial), work=spent[0],
                     slot_iters=spent[1])
 
     def _complete(self, c: int, share=None) -> None:
