@@ -26,21 +26,16 @@ class _Rows:
     completed chunk is its buffers, in the chunk's order, without being concatenated and
     permuted (two copies of the chunk, at the end of a sweep for most chunks)."""
 
-    def __init__(self, members):
-        self.members = np.asarray(members)
-        self.sorter = np.argsort(self.members, kind="stable")
-        self.have = np.zeros(len(self.members), bool)
+    def __init__(self, size: int):
+        self.have = np.zeros(size, bool)
         self.buf: dict[str, np.ndarray] = {}
 
-    def put(self, raw: dict) -> None:
-        idx = np.asarray(raw["index"])
-        at = self.sorter[np.searchsorted(self.members, idx, sorter=self.sorter)]
-        if not np.array_equal(self.members[at], idx):
-            raise ValueError(f"rows {idx[self.members[at] != idx]} are not in this chunk")
+    def put(self, raw: dict, at) -> None:
+        """The rows `raw` at the positions `at` in the chunk."""
         for k in RAW:
             v = np.asarray(raw[k])
             if k not in self.buf:
-                self.buf[k] = np.empty((len(self.members),) + v.shape[1:], v.dtype)
+                self.buf[k] = np.empty((self.have.size,) + v.shape[1:], v.dtype)
             elif np.result_type(self.buf[k], v) != self.buf[k].dtype:  # as concatenating
                 self.buf[k] = self.buf[k].astype(np.result_type(self.buf[k], v))
             self.buf[k][at] = v
@@ -67,6 +62,8 @@ class Book:
         self.store, self.order, self.size, self.write = store, order, size, write
         self.chunk_of = np.empty(len(order), int)
         self.chunk_of[order] = np.arange(len(order)) // size
+        self.place_of = np.empty(len(order), int)  # a grid point's position in its chunk
+        self.place_of[order] = np.arange(len(order)) % size
         self.rows: dict[int, _Rows] = {}
         # slot-steps and slot-iterations since the last chunk was written (they go with the
         # next one, as the lockstep efficiency of the stepping that finished it), and those
@@ -84,9 +81,9 @@ class Book:
         still to compute."""
         part = self.store.read_partial(c)
         with self.lock:
-            self.rows[c] = _Rows(self.members(c))
+            self.rows[c] = _Rows(len(self.members(c)))
             if part is not None:
-                self.rows[c].put(part)
+                self.rows[c].put(part, self.place_of[np.asarray(part["index"])])
             self.carried[c] = (np.zeros(2, np.int64) if part is None else
                                np.array([part["work"], part["slot_iters"]], np.int64))
             have = [] if part is None else part["index"]
@@ -105,7 +102,8 @@ class Book:
             done = []
             for c in np.unique(chunks):
                 sel = chunks == c
-                self.rows[c].put({k: raw[k][sel] for k in RAW})
+                self.rows[c].put({k: raw[k][sel] for k in RAW},
+                                 self.place_of[raw["index"][sel]])
                 if self.rows[c].full():
                     done.append(c)
             # chunks finished by one retirement share the stepping that finished them
