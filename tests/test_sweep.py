@@ -4,6 +4,7 @@ import sys
 import textwrap
 import warnings
 
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -44,6 +45,18 @@ def test_grid_points_equal_individual_solves():
     assert np.all(res.efficiency > 0) and np.all(res.efficiency <= 1)
     # over the grid: a weighted mean of the chunks' efficiencies
     assert res.efficiency.min() <= res.overall_efficiency <= res.efficiency.max()
+
+
+def test_initial_layers_are_the_documented_draw():
+    # `fold_in(key, seed)`, the first `depth` rows of a (max depth, dim) draw times the scale,
+    # as a separately jitted `init_padded` (XLA's default optimisation) gives them, to the bit
+    # (the sweep compiles its draws at -O1; op-by-op execution fuses otherwise: ~1 ulp)
+    res = dd.sweep(_problem(), **KW)
+    draw = jax.jit(dd._network.init_padded, static_argnums=(2, 3, 5))
+    for b in range(12):
+        L, seed = int(res.depth[b]), int(res.seed[b])
+        want = draw(jr.fold_in(KW["key"], seed), L, 5, 4, float(res.scale[b]), "gaussian")
+        np.testing.assert_array_equal(res.initial_layers(b), np.asarray(want)[:L])
 
 
 def test_same_key_same_result_and_init_independent_of_grid():

@@ -3,7 +3,6 @@ slots, and move the last busy ones to smaller arrays once the queue is empty."""
 
 import threading
 
-import jax.numpy as jnp
 import numpy as np
 
 from ._advance import TSIT5, advance, refill, with_empty_carry
@@ -19,14 +18,14 @@ def _run_worker(queue, placeholder, make_rows, S, max_depth, dim, shared_problem
     put = _placer(device)
     shared_problem, t0, t1, ts, rtol, atol, gtol = put((shared_problem, t0, t1, ts, rtol, atol,
                                                         gtol))
-    _, _, rows0 = make_rows(jnp.full((S,), placeholder))
+    _, _, rows0 = make_rows(np.full(S, placeholder))
     slots = empty_slots(S, max_depth, dim, T, dtype, put(rows0))
     slots = put(with_empty_carry(slots, method, shared_problem, rtol, atol))
 
     def fill(slots, place, new):  # new trajectories from t0
         replace, gid = _placement(slots.t.shape[0], place, new)
         u0, depth, rows = make_rows(np.where(gid >= 0, gid, placeholder))
-        slots = refill(slots, put(jnp.asarray(replace)), put(jnp.asarray(gid, jnp.int32)),
+        slots = refill(slots, put(replace), put(gid.astype(np.int32)),
                        put(u0), put(depth), put(rows), shared_problem, t0, t1, ts, rtol, atol,
                        method)
         return slots, new
@@ -50,11 +49,11 @@ def stepping(put, shared_problem, t1, ts, rtol, atol, gtol, budget: int, segment
              method):
     """`step(slots, retire_at)` for `_drive`: `advance` with `method`, its constants put on
     the device once."""
-    budget, segment_iters = put((jnp.asarray(budget), jnp.asarray(segment_iters)))
+    budget, segment_iters = put((np.asarray(budget), np.asarray(segment_iters)))
 
     def step(slots, retire_at):
         return advance(slots, shared_problem, t1, ts, rtol, atol, gtol, budget, segment_iters,
-                       put(jnp.asarray(retire_at)), method)
+                       put(np.asarray(retire_at)), method)
 
     return step
 
@@ -72,7 +71,7 @@ def _gather_finished(slots: Slots, fin, R: int) -> list:
         part = idx[k:k + R]
         buf = np.full(R, part[0])
         buf[:part.size] = part
-        out.append((part.size, take_rows(slots, jnp.asarray(buf))))
+        out.append((part.size, take_rows(slots, buf)))
     return out
 
 
@@ -159,7 +158,7 @@ def _drive(slots: Slots, queue, fill, step, on_retire, tail_slots: int,
             keep = np.flatnonzero(occupied)
             spare = np.flatnonzero(~occupied)[: tail - keep.size]
             idx = np.concatenate([keep, spare])
-            slots = _gather(slots, jnp.asarray(idx))  # stays on the slots' device
+            slots = _gather(slots, idx)  # stays on the slots' device
             occupied, gid_host = occupied[idx], gid_host[idx]
             S = tail
             continue

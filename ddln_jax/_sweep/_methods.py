@@ -133,7 +133,7 @@ class Methods:
         self.make_rows, self.problem_rows = make_rows, problem_rows
         self.max_depth, self.dim, self.shared = max_depth, dim, shared
         self.t0, self.t1, self.ts, self.gtol = t0, t1, ts, gtol
-        self.rtol, self.atol = jnp.asarray(rtol, float), jnp.asarray(atol, float)
+        self.rtol, self.atol = np.asarray(rtol, float), np.asarray(atol, float)
         # `devices`: None (one device: arrays stay where JAX puts them) or this process's
         # devices; worker i steps its own slot array on devices[i % len(devices)]
         self.devices, self.workers, self.slots, self.stop = devices, workers, slots, stop
@@ -154,8 +154,8 @@ class Methods:
         caller serialises it if it needs to). Once the queue is empty a
         worker's busy slots move to one 8x smaller array. An implicit diffrax solver runs
         in one thread on CPUs (see `implicit_workers`)."""
-        rtol = self.rtol if rtol is None else jnp.asarray(rtol, float)
-        atol = self.atol if atol is None else jnp.asarray(atol, float)
+        rtol = self.rtol if rtol is None else np.asarray(rtol, float)
+        atol = self.atol if atol is None else np.asarray(atol, float)
         implicit = self.method is not None and isinstance(self.method.solver,
                                                           dfx.AbstractImplicitSolver)
         args = (self.make_rows, self.slots // self.workers, self.max_depth, self.dim,
@@ -199,13 +199,13 @@ class Methods:
                 def full(x):  # S rows: the new ones at `place` (the others are not used)
                     out = np.repeat(x[:1], S, axis=0)
                     out[place] = x
-                    return put(jnp.asarray(out))
+                    return put(out)
 
                 sel = {k: full(np.stack([r[k] for _, r in items])) for k in items[0][1]}
                 depth, problems = self.problem_rows(np.where(gid >= 0, gid, items[0][0]))
                 slots = _refill_states(
-                    slots, put(jnp.asarray(replace)), sel["u"], sel["xi"], sel["t"],
-                    sel["steps"], sel["save_i"], sel["saves"], put(jnp.asarray(gid, jnp.int32)),
+                    slots, put(replace), sel["u"], sel["xi"], sel["t"],
+                    sel["steps"], sel["save_i"], sel["saves"], put(gid.astype(np.int32)),
                     put(depth), put(problems), shared, t1, rtol, atol)
                 return slots, gid[place]
 

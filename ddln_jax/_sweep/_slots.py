@@ -80,16 +80,16 @@ def _theta(u):
 
 
 def empty_slots(num: int, max_depth: int, dim: int, num_saves: int, dtype, problem_rows=None):
-    z = jnp.zeros
-    return Slots(
-        u=jnp.ones((max_depth, dim, num), dtype), xi=z((dim, num), dtype),
+    # built on the host and put (`jnp.zeros` and the like compile a program per shape)
+    z = np.zeros
+    fields = dict(
+        u=np.ones((max_depth, dim, num), dtype), xi=z((dim, num), dtype),
         fu=z((max_depth, dim, num), dtype), fxi=z((dim, num), dtype),
-        mask=z((max_depth, 1, num), dtype), t=z((num,), dtype), dt=jnp.ones((num,), dtype),
-        steps=z((num,), jnp.int32), save_i=z((num,), jnp.int32),
-        status=jnp.full((num,), EMPTY, jnp.int32), saves=z((num, num_saves, dim), dtype),
-        gid=jnp.full((num,), -1, jnp.int32), stiff_run=z((num,), jnp.int32),
-        problem=problem_rows,
-    )
+        mask=z((max_depth, 1, num), dtype), t=z((num,), dtype), dt=np.ones((num,), dtype),
+        steps=z((num,), np.int32), save_i=z((num,), np.int32),
+        status=np.full((num,), EMPTY, np.int32), saves=z((num, num_saves, dim), dtype),
+        gid=np.full((num,), -1, np.int32), stiff_run=z((num,), np.int32))
+    return Slots(**jax.device_put(fields), problem=problem_rows)
 
 
 @jax.jit

@@ -15,7 +15,6 @@ import warnings
 import diffrax as dfx
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 from tqdm.auto import tqdm
@@ -138,7 +137,7 @@ def _pilot_order(methods: Methods, B, t0, t1, ts, rtol, explicit_max_steps):
 
     methods.explicit(StoppableQueue(np.arange(B), methods.stop), retire, budget=2**12,
                      workers=min(methods.workers, B), rtol=1e-4, atol=1e-6,
-                     ts=jnp.full_like(ts, t1))
+                     ts=np.full_like(np.asarray(ts), float(t1)))
     return np.argsort(-est, kind="stable")
 
 
@@ -237,7 +236,7 @@ def sweep(problem, *, depths, scales, seeds, t1, ts, init: str = "gaussian", t0=
     methods = Methods(make_rows=plan.make_rows, problem_rows=plan.problem_rows,
                       max_depth=plan.max_depth, dim=plan.dim,
                       shared=plan.shared, t0=t0, t1=t1, ts=ts, rtol=rtol, atol=atol,
-                      gtol=None if gtol is None else jnp.asarray(gtol), devices=devices,
+                      gtol=None if gtol is None else np.asarray(gtol), devices=devices,
                       workers=workers, slots=slots, stop=stop, solver=method_solver)
     owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     store = Store(out, owner, lease_timeout)
@@ -280,8 +279,8 @@ class _Plan:
         self.shared = None if batched else as_problem(problem)
         self.least_squares = isinstance(as_problem(problem(seeds[0]) if batched else problem),
                                         LeastSquares)
-        self.gd, self.gs, self.gr = (jnp.asarray(a) for a in
-                                     (self.g_depth, self.g_scale, self.g_seed))
+        # (put, not `jnp.asarray`: that compiles a program per shape)
+        self.gd, self.gs, self.gr = jax.device_put((self.g_depth, self.g_scale, self.g_seed))
         self.block = 1
 
     def make_rows(self, gids):
@@ -290,15 +289,17 @@ class _Plan:
         gids = np.asarray(gids)
         n, block = gids.size, self.block
         padded = np.concatenate([gids, np.full((-n) % block, gids[0] if n else 0)])
-        parts = [make_rows(jnp.asarray(padded[i:i + block]), self.gd, self.gs, self.gr,
+        parts = [make_rows(padded[i:i + block], self.gd, self.gs, self.gr,
                            self.key, self.max_depth, self.dim, self.init, self.problem_fn)
                  for i in range(0, padded.size, block)]
-        return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs)[:n], *parts)
+        if len(parts) == 1 and n == block:  # (refills: the rows stay on the device)
+            return parts[0]
+        return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs)[:n], *parts)
 
     def problem_rows(self, gids):
         """The depths and (for a seed -> problem function) the problems of the grid points
         `gids`, without drawing their initial layers (for members handed over mid-way)."""
-        return problem_rows(jnp.asarray(gids), self.gd, self.gr, self.problem_fn)
+        return problem_rows(np.asarray(gids), self.gd, self.gr, self.problem_fn)
 
     def chunk_file(self, raw: dict | None, tsn, size: int, owner: str) -> dict:
         if raw is None:  # a dummy row
