@@ -112,7 +112,10 @@ def test_kvaerno5_steps_do_not_depend_on_the_slot_or_the_array_size(loss):
     depth = jnp.array([5, 3, 4, 5, 2, 5, 3, 4])
     ts = jnp.linspace(0.0, t1, T)
 
-    def run(order):
+    # the program the sweep runs here (on CPUs compiled with XLA's older kernels)
+    sweeps_advance, _ = _advance.compiled_for(_advance.KVAERNO5, jax.default_backend())
+
+    def run(order, advance=sweeps_advance):
         S = len(order)
         slots = _advance.with_empty_carry(empty_slots(S, L, d, T, jnp.float64),
                                           _advance.KVAERNO5, problem, 1e-8, 1e-10)
@@ -120,7 +123,7 @@ def test_kvaerno5_steps_do_not_depend_on_the_slot_or_the_array_size(loss):
         slots = _advance.refill(slots, jnp.ones(S, bool), jnp.asarray(order, jnp.int32),
                                 members[order], depth[order], None, problem, 0.0, t1, ts,
                                 1e-8, 1e-10, _advance.KVAERNO5)
-        _, _, out = _advance.advance(slots, problem, t1, ts, 1e-8, 1e-10, None,
+        _, _, out = advance(slots, problem, t1, ts, 1e-8, 1e-10, None,
                                      jnp.asarray(10**6), jnp.asarray(60), jnp.asarray(S + 1),
                                      _advance.KVAERNO5)
         got = {}
@@ -130,7 +133,8 @@ def test_kvaerno5_steps_do_not_depend_on_the_slot_or_the_array_size(loss):
         return got
 
     runs = [run([0, 1, 2, 3]), run([3, 2, 1, 0]), run([2, 0, 3, 1]),
-            run([4, 5, 6, 7, 0, 1, 2, 3]), run([1, 7, 3, 5, 0, 6, 2, 4])]
+            run([4, 5, 6, 7, 0, 1, 2, 3]), run([1, 7, 3, 5, 0, 6, 2, 4]),
+            run([0, 1, 2, 3], _advance.advance)]  # and as compiled by default: same bits
     first = runs[0]
     assert all(0 < first[m][2] < t1 for m in first)  # mid-way after 60 implicit steps
     for other in runs[1:]:

@@ -5,8 +5,17 @@ import threading
 
 import numpy as np
 
-from ._advance import TSIT5, advance, refill, with_empty_carry
-from ._slots import ACTIVE, SLOT_QUANTUM, Slots, _gather, _placer, empty_slots, take_rows
+from ._advance import TSIT5, compiled_for, refill, with_empty_carry
+from ._slots import (
+    ACTIVE,
+    SLOT_QUANTUM,
+    Slots,
+    _gather,
+    _placer,
+    empty_slots,
+    platform,
+    take_rows,
+)
 
 
 def _run_worker(queue, placeholder, make_rows, S, max_depth, dim, shared_problem, t0, t1, ts,
@@ -30,7 +39,7 @@ def _run_worker(queue, placeholder, make_rows, S, max_depth, dim, shared_problem
                        method)
         return slots, new
 
-    step = stepping(put, shared_problem, t1, ts, rtol, atol, gtol, budget, segment_iters,
+    step = stepping(device, shared_problem, t1, ts, rtol, atol, gtol, budget, segment_iters,
                     method)
     _drive(slots, queue, fill, step, on_retire, tail_slots, stats)
 
@@ -45,10 +54,12 @@ def _placement(S: int, place, gids):
     return replace, gid
 
 
-def stepping(put, shared_problem, t1, ts, rtol, atol, gtol, budget: int, segment_iters: int,
-             method):
-    """`step(slots, retire_at)` for `_drive`: `advance` with `method`, its constants put on
-    the device once."""
+def stepping(device, shared_problem, t1, ts, rtol, atol, gtol, budget: int,
+             segment_iters: int, method):
+    """`step(slots, retire_at)` for `_drive`: `advance` with `method` on `device` (None: the
+    default one), as compiled for its platform, its constants put on the device once."""
+    put = _placer(device)
+    advance, _ = compiled_for(method, platform(device))
     budget, segment_iters = put((np.asarray(budget), np.asarray(segment_iters)))
 
     def step(slots, retire_at):

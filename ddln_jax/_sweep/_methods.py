@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._advance import KVAERNO5, TSIT5, _refill_states
+from ._advance import KVAERNO5, TSIT5, compiled_for
 from ._diffrax_method import diffrax_method
 from ._drive import _drive, _placement, _run_worker, stepping
-from ._slots import SLOT_QUANTUM, _placer, empty_slots
+from ._slots import SLOT_QUANTUM, _placer, empty_slots, platform
 
 # iterations per call of the Kvaerno5 stepping: a Kvaerno5 step costs ~50 explicit ones, so
 # shorter segments than the explicit 256 keep an interrupt's latency ~1 s (the results do
@@ -189,6 +189,7 @@ class Methods:
 
         def run(device):
             put = _placer(device)
+            _, refill_states = compiled_for(KVAERNO5, platform(device))
             shared, t1, ts, rtol, atol, gtol = put((self.shared, self.t1, self.ts, self.rtol,
                                                     self.atol, self.gtol))
 
@@ -203,13 +204,13 @@ class Methods:
 
                 sel = {k: full(np.stack([r[k] for _, r in items])) for k in items[0][1]}
                 depth, problems = self.problem_rows(np.where(gid >= 0, gid, items[0][0]))
-                slots = _refill_states(
+                slots = refill_states(
                     slots, put(replace), sel["u"], sel["xi"], sel["t"],
                     sel["steps"], sel["save_i"], sel["saves"], put(gid.astype(np.int32)),
                     put(depth), put(problems), shared, t1, rtol, atol)
                 return slots, gid[place]
 
-            step = stepping(put, shared, t1, ts, rtol, atol, gtol, budget, _IMPLICIT_SEGMENT,
+            step = stepping(device, shared, t1, ts, rtol, atol, gtol, budget, _IMPLICIT_SEGMENT,
                             KVAERNO5)
             _, problems0 = self.problem_rows(np.zeros(S, np.int64))
             slots = put(empty_slots(S, self.max_depth, self.dim, self.ts.shape[0], jnp.float64,

@@ -102,6 +102,11 @@ def _gather(slots: Slots, idx) -> Slots:
     return Slots(**fields, **trees)
 
 
+def platform(device) -> str:
+    """The platform ("cpu", "gpu", ...) of `device` (None: JAX's default device)."""
+    return jax.default_backend() if device is None else device.platform
+
+
 def _placer(device):
     """A function putting arrays, pytrees and `Slots` on `device` (committed: the jitted
     stepping then runs there), or leaving them where they are (`device` None)."""
