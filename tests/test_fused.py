@@ -123,9 +123,8 @@ def test_kvaerno5_steps_do_not_depend_on_the_slot_or_the_array_size(loss):
         slots = _advance.refill(slots, jnp.ones(S, bool), jnp.asarray(order, jnp.int32),
                                 members[order], depth[order], None, problem, 0.0, t1, ts,
                                 1e-8, 1e-10, _advance.KVAERNO5)
-        _, _, out = advance(slots, problem, t1, ts, 1e-8, 1e-10, None,
-                                     jnp.asarray(10**6), jnp.asarray(60), jnp.asarray(S + 1),
-                                     _advance.KVAERNO5)
+        _, _, out = advance(slots, problem, t1, ts, 1e-8, 1e-10, None, jnp.asarray(10**6),
+                            jnp.asarray(60), jnp.asarray(S + 1), _advance.KVAERNO5)
         got = {}
         for slot, m in enumerate(order):
             got[int(m)] = (np.asarray(out.u[..., slot]), np.asarray(out.saves[slot]),
