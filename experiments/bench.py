@@ -26,6 +26,9 @@ Prints one line per measurement and writes all of it to bench.json:
 - three other problems (X, y from jr.key(1..3)) at B = 256 (--full 1024): a fresh sweep call
   after `jax.clear_caches()` (so its compiles are included) against DOP853 (2 inits, --full
   8), LSODA (4, --full 16) and vmap (up to 16 trajectories, --full 64), per problem.
+- JAX's persistent compilation cache: the B = 256 (--full 1024) sweep of the B rows in a
+  new process without it, then with an empty cache folder, then again (warm), each process's
+  sweep call timed, and their results' bits compared.
 - peak host memory, each run in its own process (ru_maxrss of RUSAGE_CHILDREN in a small
   launcher process): sweeps of B = 512 (--full 2048) trajectories x 2000 save times, in
   memory or streamed to `out=`, default memory budget or 2**24, next to the result's size
@@ -35,6 +38,7 @@ Prints one line per measurement and writes all of it to bench.json:
 """
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -87,6 +91,12 @@ rep["result_bytes"] = int(sum(getattr(a, "nbytes", 0) for a in res.to_dict().val
 rep["all_ok"] = bool(res.ok.all())
 rep["steps"] = int(res.num_steps.sum())
 rep["self_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if spec.get("hash"):  # the result's bits (only where memory is not measured: it reads theta)
+    import hashlib
+    import numpy as np
+    h = hashlib.sha1(np.ascontiguousarray(res.theta))
+    h.update(np.ascontiguousarray(res.num_steps))
+    rep["sha1"] = h.hexdigest()
 try:  # the kernel's high-water mark of this process's memory (a cross-check)
     status = open("/proc/self/status").read().split("VmHWM:")[1]
     rep["vmhwm_kb"] = int(status.split()[0])
@@ -145,12 +155,14 @@ def _compiles(counter):
     got["n"], got["s"] = counter["n"] - n0, counter["s"] - s0
 
 
-def _run_child(spec: dict) -> dict:
-    """Run `_CHILD` with `spec` under `_LAUNCH`; the child's peak RSS is the launcher's
-    RUSAGE_CHILDREN ru_maxrss (it has one child). Not from this process: a child exec'd from a
-    process inherits its high-water mark (ru_maxrss would be this process's RSS at least)."""
+def _run_child(spec: dict, env: dict | None = None) -> dict:
+    """Run `_CHILD` with `spec` under `_LAUNCH` (with `env` added to the environment); the
+    child's peak RSS is the launcher's RUSAGE_CHILDREN ru_maxrss (it has one child). Not from
+    this process: a child exec'd from a process inherits its high-water mark (ru_maxrss would
+    be this process's RSS at least)."""
     cmd = [sys.executable, "-c", _LAUNCH, sys.executable, "-c", _CHILD, json.dumps(spec)]
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       env=None if env is None else {**os.environ, **env})
     line = [s for s in p.stdout.splitlines() if s.startswith("CHILD ")]
     usage = [s for s in p.stdout.splitlines() if s.startswith("RUSAGE ")]
     if p.returncode or not line or not usage:
@@ -451,6 +463,25 @@ def main(*, quick: bool = True, out="results/bench", solver: str | None = None) 
               f"{_x(row['sweep_vs_dop853'])}, /LSODA {_x(row['sweep_vs_lsoda'])}, /vmap "
               f"{_x(row['sweep_vs_vmap'])}", flush=True)
     sections["problems"] = time.perf_counter() - t_sec
+
+    # --- JAX's persistent compilation cache: a new process, cold then warm ------------------
+    t_sec = time.perf_counter()
+    cache_B = 256 if quick else 1024
+    spec = dict(B=cache_B, T=ts.shape[0], n=N, dim=DIM, depth=DEPTH, t1=T1, rtol=RTOL,
+                atol=ATOL, gtol=GTOL, out=None, budget=None, load=False, hash=True)
+    with tempfile.TemporaryDirectory(prefix="ddln_cache_") as tmp:
+        env = {"JAX_COMPILATION_CACHE_DIR": tmp,
+               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+        runs = {"none": _run_child(spec), "cold": _run_child(spec, env),
+                "warm": _run_child(spec, env)}
+    same = len({r["sha1"] for r in runs.values()}) == 1
+    report["compile_cache"] = {"B": cache_B, "same_bits": same,
+                               **{k: r["wall_s"] for k, r in runs.items()}}
+    print(f"persistent compilation cache (JAX_COMPILATION_CACHE_DIR, min compile time 0), "
+          f"B={cache_B}, a dd.sweep call in a new process: no cache {runs['none']['wall_s']:.1f}"
+          f" s, cold cache {runs['cold']['wall_s']:.1f} s, warm cache (a second process) "
+          f"{runs['warm']['wall_s']:.1f} s; same bits {same}", flush=True)
+    sections["compile_cache"] = time.perf_counter() - t_sec
 
     # --- peak host memory, in child processes ----------------------------------------------
     t_sec = time.perf_counter()

@@ -155,6 +155,30 @@ def test_stiffness_detection_hands_over_early(per_seed):
         np.testing.assert_allclose(res.theta[b], single.theta, atol=1e-6)
 
 
+def test_long_stiff_members_go_to_kvaerno5_short_ones_stay_explicit():
+    # depth 6 from scale-1 inits: seed 89's flow is stiff (stiff eigenvalue ~3e3 for all
+    # t) and diffrax's Tsit5 cannot reach t1 within 2^14 steps (it takes ~6e4); seed 548
+    # takes ~5.5e3. The sweep hands over a stiff member whose whole trajectory would take
+    # over 2^14 explicit steps, and only those
+    kx, ky = jr.split(jr.key(1))
+    p = dd.LeastSquares(jr.normal(kx, (10, 8)), jr.normal(ky, (10,)))
+    ts = jnp.linspace(0.0, 50.0, 11)
+    kw = dict(t1=50.0, ts=ts, rtol=1e-8, atol=1e-10, stop_when_converged=1e-7)
+    res = dd.sweep(p, depths=[6], scales=[1.0], seeds=[89, 548], key=jr.key(0),
+                   progress=False, **kw)
+    assert res.ok.all()
+    with pytest.warns(RuntimeWarning, match="max_steps_reached"):
+        capped = dd.gradient_flow(res.initial_layers(0), p, max_steps=2**14, **kw)
+    assert not capped.ok and float(capped.t_final) < 50.0
+    short = dd.gradient_flow(res.initial_layers(1), p, **kw)
+    assert short.ok and int(short.num_steps) < 2**14
+    np.testing.assert_array_equal(res.implicit, [True, False])
+    stiff = dd.gradient_flow(res.initial_layers(0), p, solver="kvaerno5", **kw)
+    # rtol 1e-8: both within 1e-7 of independent solves (another method / step sequence)
+    np.testing.assert_allclose(res.theta[0], stiff.theta, rtol=1e-7, atol=1e-7)
+    np.testing.assert_allclose(res.theta[1], short.theta, rtol=1e-7, atol=1e-7)
+
+
 def test_workers_do_not_change_results():
     # the worker threads take grid points from one queue; slot arrays hold whole blocks of
     # SLOT_QUANTUM slots, so a trajectory's bits do not depend on where it ran

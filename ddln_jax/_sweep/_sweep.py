@@ -178,8 +178,9 @@ def sweep(problem, *, depths, scales, seeds, t1, ts, init: str = "gaussian", t0=
         worker i steps its array on device i mod their number (a multiple of it). Default:
         one per CPU core plus one on a single CPU device, else one per device.
     - `max_chunk`: grid points per chunk (the unit of work, of writing and of resume).
-    - `explicit_max_steps`: Tsit5 step budget per trajectory. Stiff members (Hairer's test)
-        and those that exhaust it continue with Kvaerno5 from where they stopped (up to
+    - `explicit_max_steps`: Tsit5 step budget per trajectory. Stiff members (Hairer's test,
+        when the whole trajectory would take over 2^14 explicit steps) and those that
+        exhaust it continue with Kvaerno5 from where they stopped (up to
         `max_steps` in all), in a 4-slot array (16 per accelerator) refilled as they finish.
     - `pilot`: first estimate every trajectory's cost with a loose-tolerance run and queue
         the longest first (fewer slots idle at the end; costs an extra ~half run).
