@@ -61,10 +61,11 @@ STIFF_H_RHO, STIFF_STEPS = 3.0, 32
 # ... provided the whole trajectory would take more than this many explicit steps (those
 # taken + the rest of the interval at the current size). A sweep lasts at least as many
 # iterations as its longest member takes steps, so members 10-20x longer than the median
-# set its wall time; Kvaerno5 takes ~10x fewer steps on them. Measured (B = 1024, depth 6,
-# dim 8, 4 random problems, second calls): 2^14 4.2-4.7 s against 6.7-7.6 s with the rest
-# alone above 2^16 (2.3-2.5 against 4.3-4.6 s on the problem whose longest member took 56k
-# steps); 2^13 and 2^12 hand over 170-900 members of 1024 and are slower again
+# set its wall time; Kvaerno5 takes ~10x fewer steps on them. Measured (depth 6, dim 8,
+# second calls, B = 1024): 2^14 4.2-5.6 s against 5.6-7.6 s with the rest alone above 2^16
+# on three random problems, 2.3-2.5 against 4.3-4.6 s on one whose longest member took 56k
+# steps; B = 4096: 15.6-16.1 against 19.2 s. 2^15 is between; 2^13 and 2^12 hand over
+# 170-900 members of 1024 and are slower again
 STIFF_TOTAL_STEPS = 2**14
 
 
