@@ -1,10 +1,26 @@
 import gc
+import os
 
 import jax
 import jax.random as jr
 import pytest
 
 jax.config.update("jax_enable_x64", True)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`--numprocesses=auto` (pyproject): one test process per CPU this process may use, its
+    affinity and a cgroup-v2 quota counted (a container's 2 cores on a larger host are 2;
+    xdist's own count is the host's), at most `--maxprocesses` (4)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            n = min(n, int(quota) // int(period))
+    except (OSError, ValueError):
+        pass
+    return max(1, n or 1)
 
 
 @pytest.fixture
