@@ -391,3 +391,47 @@ def test_chunk_rows_in_chunk_order_whatever_the_arrivals():
             np.testing.assert_array_equal(part[k], expect[k])
         wide = np.isin(members, arrival[3:7]).any()
         assert part["num_steps"].dtype == (np.int64 if wide else np.int32)
+
+
+def test_interrupt_saves_at_once_and_again_with_later_rows():
+    # Ctrl-C: the rows finished so far are saved before the threads end (`keep`: the chunks
+    # stay held); rows the threads finish meanwhile still go to their chunks (a chunk
+    # completed then replaces its partial file), the final save writes the rest, and every
+    # slot-step is counted in exactly one file
+    from ddln_jax._sweep._scheduler import Book
+    from ddln_jax._sweep._store import Store
+
+    order = np.random.default_rng(1).permutation(10)
+    store = Store(None, "test", 60.0)
+    book = Book(store, order, 6, lambda c, raw, partial: {k: np.array(v) for k, v in raw.items()})
+    for c in (0, 1):
+        assert store.claim(c)
+        book.open(c)
+
+    def rows(gids):
+        gids = np.asarray(gids)
+        return dict(index=gids, theta=gids[:, None, None] + np.zeros((1, 3, 2)),
+                    num_steps=10 * gids, ok=gids % 2 == 0, result=gids.astype(np.int32),
+                    t_final=gids / 7.0, implicit=gids > 4)
+
+    book.spend(100, 200)
+    book.add(rows(order[:2]))  # chunk 0: 2 of 6 rows
+    book.add(rows(order[6:7]))  # chunk 1: 1 of 4
+    book.save_partial(keep=True)
+    early = dict(store.parts())
+    assert sorted(early) == ["chunk_00000.partial.npz", "chunk_00001.partial.npz"]
+    np.testing.assert_array_equal(early["chunk_00000.partial.npz"]["index"], order[:2])
+    np.testing.assert_array_equal(early["chunk_00001.partial.npz"]["index"], order[6:7])
+
+    book.spend(10, 20)  # the threads go on until their segments end
+    book.add(rows(order[2:6]))  # chunk 0 complete
+    book.add(rows(order[7:8]))
+    book.save_partial()
+    final = dict(store.parts())
+    assert sorted(final) == ["chunk_00000.npz", "chunk_00001.partial.npz"]
+    np.testing.assert_array_equal(final["chunk_00000.npz"]["index"], order[:6])
+    np.testing.assert_array_equal(final["chunk_00001.partial.npz"]["index"], order[6:8])
+    np.testing.assert_array_equal(final["chunk_00001.partial.npz"]["theta"][:, 0, 0], order[6:8])
+    work = sum(int(p["work"]) for p in final.values())
+    slot_iters = sum(int(p["slot_iters"]) for p in final.values())
+    assert (work, slot_iters) == (110, 220)

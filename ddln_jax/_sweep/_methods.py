@@ -87,10 +87,11 @@ class HandOver:
             return self.pos < len(self.items)
 
 
-def run_threads(fns, stop: threading.Event) -> None:
+def run_threads(fns, stop: threading.Event, on_interrupt=None) -> None:
     """Run `fns` in threads; the main thread only waits, so Ctrl-C reaches it at once: it
-    sets `stop`, waits for the threads (they stop at their next `take`) and re-raises. An
-    error in a thread stops the others and is raised here."""
+    sets `stop`, calls `on_interrupt` (if any: it runs before the threads end, which can
+    take a compile's time), waits for the threads (they stop at their next `take`) and
+    re-raises. An error in a thread stops the others and is raised here."""
     errors = []
 
     def wrap(fn):
@@ -111,8 +112,12 @@ def run_threads(fns, stop: threading.Event) -> None:
                 t.join(0.05)
     except BaseException:
         stop.set()
-        for t in threads:
-            t.join()
+        try:
+            if on_interrupt is not None:
+                on_interrupt()
+        finally:
+            for t in threads:
+                t.join()
         raise
     if errors:
         raise errors[0]

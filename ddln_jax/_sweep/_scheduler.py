@@ -112,10 +112,12 @@ class Book:
         # the retirements' copies and the stepping's freed buffers (once a second at most)
         release_free_memory(1.0)
 
-    def _file(self, c: int, partial: bool, share=None) -> dict:
+    def _file(self, c: int, partial: bool, share=None, keep: bool = False) -> dict:
         share = self.spent.copy() if share is None else share
-        self.spent -= share
-        spent = self.carried.pop(c) + share
+        spent = self.carried[c] + share
+        if not keep:
+            self.spent -= share
+            del self.carried[c]
         return dict(self.write(c, self.rows[c].stacked(), partial), work=spent[0],
                     slot_iters=spent[1])
 
@@ -126,13 +128,18 @@ class Book:
         self.written.append(c)
         del self.rows[c]
 
-    def save_partial(self) -> None:
-        """Write the finished rows of every chunk held (the unit of resume)."""
+    def save_partial(self, keep: bool = False) -> None:
+        """Write the finished rows of every chunk held (the unit of resume). `keep`: the
+        chunks stay held (an interrupt saves at once, then again once the threads ended,
+        with the rows they finished meanwhile)."""
         with self.lock:
+            share = self.spent.copy()  # (the stepping not yet in a file, with the first)
             for c, rows in list(self.rows.items()):
                 if rows:
-                    self.store.write_chunk(c, self._file(c, True), True)
-            self.rows.clear()
+                    self.store.write_chunk(c, self._file(c, True, share, keep), True)
+                    share = np.zeros_like(share)
+            if not keep:
+                self.rows.clear()
 
 
 class ChunkQueue(StoppableQueue):
@@ -263,5 +270,6 @@ class Scheduler:
 
         implicit = (methods.implicit_workers(handover, retire_stiff, budget=self.max_steps)
                     if methods.method is None else [])
-        run_threads([closing(fn) for fn in explicit] + implicit, methods.stop)
+        run_threads([closing(fn) for fn in explicit] + implicit, methods.stop,
+                    on_interrupt=lambda: self.book.save_partial(keep=True))
         return queue.claimed > 0
