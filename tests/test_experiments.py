@@ -63,3 +63,21 @@ def test_sweep_cli_quick(tmp_path):
     # rerun resumes from the chunks on disk and gives the same summary
     again = sweep.main(quick=True, out=tmp_path, progress=False)
     np.testing.assert_array_equal(np.asarray(again["median_time"]), np.asarray(s["median_time"]))
+
+
+def test_device_bench_checks_rows_and_keeps_to_its_budget(tmp_path):
+    # the prepared script for a lent GPU, here on the CPU: a first and a second call give the
+    # same bits, rows agree with per-trajectory gradient_flow solves (diffrax, rtol 1e-10),
+    # and a size whose projected time exceeds the budget is skipped, not started
+    from experiments import device_bench
+
+    rep = device_bench.main(sizes=(10**9, 16), budget_s=120.0, check=3, out=tmp_path)
+    (row,) = rep["rows"]
+    assert row["B"] == 16 and row["first_and_second_same_bits"] and row["all_ok"]
+    assert row["check_rows"] == 3 and row["check_max_rel_error"] < device_bench.CHECK_TOL
+    assert row["first_call_compiles"] > 0 and row["compiles"] == 0  # the second: none
+    assert row["counters"]["retirements"] > 0 and row["counters"]["host_syncs"] > 0
+    (skip,) = rep["skipped"]
+    assert skip["B"] == 10**9 and skip["projected_s"] > skip["left_s"]
+    saved = json.loads((tmp_path / "device_bench.json").read_text())
+    assert [r["B"] for r in saved["rows"]] == [16] and saved["skipped"][0]["B"] == 10**9
