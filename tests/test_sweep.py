@@ -179,6 +179,36 @@ def test_long_stiff_members_go_to_kvaerno5_short_ones_stay_explicit():
     np.testing.assert_allclose(res.theta[1], short.theta, rtol=1e-7, atol=1e-7)
 
 
+def test_accelerator_stiff_array_size_gives_the_same_bits(monkeypatch):
+    # on accelerators the stiff members' Kvaerno5 array holds an eighth of the explicit
+    # slots (at least 16), not the CPU's 4: simulated here on the CPU, the stiff member's
+    # rows (and every other) are the same bits in a 4-slot and a 16-slot array
+    from ddln_jax._sweep import _methods
+
+    kx, ky = jr.split(jr.key(1))
+    p = dd.LeastSquares(jr.normal(kx, (10, 8)), jr.normal(ky, (10,)))
+    kw = dict(depths=[6], scales=[1.0], seeds=[89, 548, 3], t1=50.0,
+              ts=jnp.linspace(0.0, 50.0, 11), rtol=1e-8, atol=1e-10, stop_when_converged=1e-7,
+              key=jr.key(0), progress=False, workers=1, max_slots=128)
+    cpu = dd.sweep(p, **kw)
+    sizes = []
+
+    def recorded(on_cpu, explicit_slots):
+        sizes.append(_methods.implicit_slots.__wrapped__(on_cpu, explicit_slots))
+        return sizes[-1]
+
+    recorded.__wrapped__ = _methods.implicit_slots
+    monkeypatch.setattr(_methods, "implicit_slots", recorded)
+    monkeypatch.setattr(_methods.Methods, "on_cpu", lambda self: False)
+    accel = dd.sweep(p, **kw)
+    assert sizes == [16] and 16 in accel.info["slot_array_sizes"]
+    assert 4 in cpu.info["slot_array_sizes"] and 4 not in accel.info["slot_array_sizes"]
+    assert cpu.implicit[0] and accel.implicit[0]
+    np.testing.assert_array_equal(accel.implicit, cpu.implicit)
+    np.testing.assert_array_equal(accel.num_steps, cpu.num_steps)
+    np.testing.assert_array_equal(accel.theta, cpu.theta)
+
+
 def test_workers_do_not_change_results():
     # the worker threads take grid points from one queue; slot arrays hold whole blocks of
     # SLOT_QUANTUM slots, so a trajectory's bits do not depend on where it ran

@@ -87,6 +87,12 @@ class HandOver:
             return self.pos < len(self.items)
 
 
+def implicit_slots(on_cpu: bool, explicit_slots: int) -> int:
+    """The stiff members' array size (see `Methods.implicit_workers`) beside explicit slot
+    arrays of `explicit_slots` slots."""
+    return 4 if on_cpu else max(16, explicit_slots // 8)
+
+
 def run_threads(fns, stop: threading.Event, on_interrupt=None) -> None:
     """Run `fns` in threads; the main thread only waits, so Ctrl-C reaches it at once: it
     sets `stop`, calls `on_interrupt` (if any: it runs before the threads end, which can
@@ -187,10 +193,15 @@ class Methods:
         Default `num_slots`: 4 on CPUs, where the array mostly holds one or two members and
         its iterations take a core from the explicit workers (B = 4096: 525 us per
         iteration and 5.5 s of a core against 856 us and 8.6 s with 8 slots, 1329 us and
-        11.9 s with 16); 16 on accelerators (not measured). The array never moves to a
+        11.9 s with 16); on accelerators an eighth of a device's explicit slots (at least
+        16; 2048 at the default 2^14), as the explicit tail array: there an iteration
+        costs about the same for any slot count while the device is not full, and the
+        stiff members (7 % of the bench problem's at B = 4096) each take hundreds
+        of Kvaerno5 steps (not measured on a GPU yet). The array never moves to a
         smaller one, so its size need not be a multiple of `SLOT_QUANTUM`: every member is
         stepped in an array of this one size, whichever slot it lands in."""
-        S = num_slots if num_slots is not None else 4 if self.on_cpu() else 16
+        S = num_slots if num_slots is not None else implicit_slots(
+            self.on_cpu(), self.slots // self.workers)
 
         def run(device):
             put = _placer(device)
