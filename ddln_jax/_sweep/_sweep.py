@@ -168,8 +168,10 @@ def sweep(problem, *, depths, scales, seeds, t1, ts, init: str = "gaussian", t0=
         too. `load_sweep(out)` reads the folder, complete or not. Needed with several
         processes.
     - `memory_budget`: bytes for the slots (saved trajectories and solver state); caps the
-        number of slots. It does not cover the result itself (held once: chunks are merged
-        into it field by field, each freed once copied) nor JAX's compiled programs.
+        number of explicit slots (the stiff members' array adds 4 slots on a CPU, an eighth
+        of the explicit ones per accelerator). It does not cover the result itself (held
+        once: chunks are merged into it field by field, each freed once copied) nor JAX's
+        compiled programs.
     - `max_slots`: most trajectories stepped at once (over this process's devices).
         Default: 128 per worker on a CPU (the cost per slot-step is lowest while a slot array
         fits the core's cache), 16384 per accelerator.
