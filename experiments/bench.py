@@ -44,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import jax
@@ -147,6 +147,24 @@ def _scipy_loop(X, y, u0s, method) -> dict:
 
 
 @contextmanager
+def _counting_compiles():
+    """Backend compiles counted from jax.monitoring while the block runs: a dict {"n": count,
+    "s": seconds} (read it with `_compiles`)."""
+    compiled = {"n": 0, "s": 0.0}
+
+    def on_duration(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled["n"] += 1
+            compiled["s"] += duration
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    try:
+        yield compiled
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+
+
+@contextmanager
 def _compiles(counter):
     """Backend compiles (count, seconds) during the block, from jax.monitoring."""
     n0, s0 = counter["n"], counter["s"]
@@ -195,14 +213,8 @@ def main(*, quick: bool = True, out="results/bench", solver: str | None = None) 
     sizes = (10**4, 10**5, 10**6) if accel else (1, 64, 256) if quick else (1, 64, 1024, 4096)
     vmap_cap = 64  # the B rows' vmap; the other problems' (below): 16 if quick
     print(f"device: {dev}; B sizes {sizes}", flush=True)
-    compiled = {"n": 0, "s": 0.0}
-
-    def on_duration(event, duration, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiled["n"] += 1
-            compiled["s"] += duration
-
-    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    counting = ExitStack()  # (closed at the end)
+    compiled = counting.enter_context(_counting_compiles())
     kx, ky = jr.split(jr.key(0))
     X, y = jr.normal(kx, (N, DIM)), jr.normal(ky, (N,))
     problem = dd.LeastSquares(X, y)
@@ -531,7 +543,7 @@ def main(*, quick: bool = True, out="results/bench", solver: str | None = None) 
     print("sections (s): " + ", ".join(f"{k} {v:.0f}" for k, v in sections.items())
           + f"; total {report['total_s']:.0f}", flush=True)
     save_json(out, "bench", report)
-    jax.monitoring.unregister_event_duration_listener(on_duration)
+    counting.close()
     return report
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import ddln_jax as dd
 
 from ._common import save_json
-from .bench import ATOL, DEPTH, DIM, GTOL, RTOL, T1, N, _compiles, _counters
+from .bench import ATOL, DEPTH, DIM, GTOL, RTOL, T1, N, _compiles, _counters, _counting_compiles
 
 CHECK_TOL = 1e-5  # theta against gradient_flow, relative to max |theta|
 MARGIN = 1.25  # a row's projected time: the last row's rate, with this margin
@@ -71,14 +71,6 @@ def main(*, sizes=None, budget_s: float = 420.0, check: int = 4,
     dev = jax.devices()[0]
     accel = dev.platform != "cpu"
     sizes = sorted(sizes or ((10**4, 10**5, 10**6) if accel else (256, 1024)))
-    compiled = {"n": 0, "s": 0.0}
-
-    def on_duration(event, duration, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiled["n"] += 1
-            compiled["s"] += duration
-
-    jax.monitoring.register_event_duration_secs_listener(on_duration)
     kx, ky = jr.split(jr.key(0))
     problem = dd.LeastSquares(jr.normal(kx, (N, DIM)), jr.normal(ky, (N,)))
     ts = jnp.linspace(0.0, T1, 200)
@@ -90,7 +82,7 @@ def main(*, sizes=None, budget_s: float = 420.0, check: int = 4,
     print(f"device: {dev.device_kind} ({dev.platform}, {jax.device_count()} devices); "
           f"B {sizes}; budget {budget_s:.0f} s", flush=True)
     rate = None  # trajectories per second of the last row
-    try:
+    with _counting_compiles() as compiled:
         for i, B in enumerate(sizes):
             left = budget_s - (time.perf_counter() - start)
             projected = None if rate is None else MARGIN * B / rate * (2 if i == 0 else 1)
@@ -144,8 +136,6 @@ def main(*, sizes=None, budget_s: float = 420.0, check: int = 4,
                      f" s), same bits {row['first_and_second_same_bits']}; ")
                   + f"vs gradient_flow {row['check_max_rel_error']:.1e} "
                   f"({'ok' if row['check_ok'] else 'FAILED'})", flush=True)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(on_duration)
     report["total_s"] = time.perf_counter() - start
     save_json(out, "device_bench", report)
     print(f"total {report['total_s']:.0f} s; {out / 'device_bench.json'}", flush=True)
