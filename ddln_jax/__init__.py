@@ -65,6 +65,7 @@ from ._trajectory import RESULTS as RESULTS
 from ._trajectory import Result as Result
 from ._trajectory import Trajectory as Trajectory
 from ._trajectory import result_message as result_message
+from ._versions import show_versions as show_versions
 
 try:
     __version__ = importlib.metadata.version("ddln_jax")

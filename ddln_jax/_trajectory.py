@@ -26,23 +26,34 @@ class RESULTS(dfx.RESULTS):
     )
 
 
-def _code(item) -> int:
-    # equinox's enumeration items have no public accessor for their index
-    return int(item._value)
-
+# The library's own table of result codes: diffrax's results (in diffrax 0.7's order) and
+# `diverged`. Codes are ours, so saved files keep their meaning whatever a diffrax release
+# does to its enumeration's internals; `result_code` maps an item to its code with the
+# enumeration's public `==`. tests/test_trajectory.py checks the table against diffrax's
+# messages and size.
+_NAMES = (
+    "successful", "max_steps_reached", "singular", "breakdown", "stagnation", "conlim",
+    "nonfinite_input", "nonlinear_max_steps_reached", "nonlinear_divergence", "nonfinite",
+    "dt_min_reached", "event_occurred", "max_steps_rejected", "internal_error", "diverged",
+)
 
 # Every code the library reports, as integers: `traj.result == dd.Result.successful`.
-Result = enum.IntEnum(
-    "Result", {name: _code(getattr(RESULTS, name)) for name in RESULTS._name_to_item}
-)
+Result = enum.IntEnum("Result", {name: i for i, name in enumerate(_NAMES)})
 Result.__doc__ = "The integer codes of `RESULTS` (diffrax's results and `diverged`)."
+
+# a code for an item this table lacks (a result added by a later diffrax): never success
+_UNKNOWN = -1
 
 
 def result_code(item) -> Int[Array, ""]:
-    """The integer code of a diffrax or `RESULTS` item (traceable)."""
+    """The integer code of a diffrax or `RESULTS` item (traceable; `-1` for an item of a
+    diffrax release newer than this table)."""
     if not isinstance(item, RESULTS):
         item = RESULTS.promote(item)
-    return jnp.asarray(item._value, dtype=jnp.int32)
+    code = jnp.asarray(_UNKNOWN, dtype=jnp.int32)
+    for i, name in enumerate(_NAMES):
+        code = jnp.where(item == getattr(RESULTS, name), jnp.int32(i), code)
+    return code
 
 
 def result_message(code) -> str:

@@ -1,26 +1,50 @@
 """The result enumeration (diffrax's codes plus `diverged`) and saving/loading trajectories."""
 
+import re
+
 import diffrax as dfx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import random_layers, random_problem
 
 import ddln_jax as dd
+from ddln_jax._trajectory import result_code
 
 
 def test_result_codes_extend_diffrax():
     # every diffrax result keeps its name and message; `diverged` is one more code
-    for name in dir(dfx.RESULTS):
+    # diffrax's names from the enumeration's generated docstring ("- `name`: message")
+    names = re.findall(r"^- `(\w+)`", dfx.RESULTS.__doc__, flags=re.M)
+    assert len(names) == len(dfx.RESULTS) == len(dd.Result) - 1 and "successful" in names
+    for name in names:
         item = getattr(dfx.RESULTS, name)
-        if isinstance(item, type(dfx.RESULTS.successful)):
-            code = int(getattr(dd.Result, name))
-            assert dd.result_message(code).startswith(name)
-            assert dfx.RESULTS[item] in dd.result_message(code)
+        code = int(getattr(dd.Result, name))
+        assert dd.result_message(code).startswith(name)
+        assert dfx.RESULTS[item] in dd.result_message(code)
+        # the item's code by the enumeration's public `==`, eagerly and traced
+        assert int(result_code(item)) == code
+        assert int(jax.jit(lambda r: result_code(r))(item)) == code
     assert dd.result_message(dd.Result.diverged).startswith("diverged")
+    assert int(result_code(dd.RESULTS.diverged)) == int(dd.Result.diverged)
     assert int(dd.Result.successful) == 0
     assert len({int(r) for r in dd.Result}) == len(list(dd.Result))
     assert dd.result_message(9999) == "unknown result code 9999"
+    assert dd.result_message(-1) == "unknown result code -1"
+
+
+def test_result_codes_of_a_real_failure():
+    # a solve that runs out of steps, one that succeeds, vmapped: diffrax's own items
+    term = dfx.ODETerm(lambda t, y, args: -y)
+
+    def solve(max_steps):
+        sol = dfx.diffeqsolve(term, dfx.Tsit5(), 0.0, 10.0, 0.1, jnp.ones(2),
+                              max_steps=max_steps, throw=False)
+        return result_code(sol.result)
+
+    assert int(solve(1000)) == int(dd.Result.successful)
+    assert int(solve(3)) == int(dd.Result.max_steps_reached)
 
 
 def test_save_load_roundtrip(tmp_path):

@@ -32,6 +32,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from .._xla import OptionJit, accepted_options
 from ._fused import (
     _ERROR_ORDER,
     _batched_rhs,
@@ -262,19 +263,20 @@ def _refill_states(slots: Slots, replace, u, xi, t, steps, save_i, saves, gid, d
 
 
 # XLA's CPU compiler builds the Kvaerno5 programs faster, and they run faster, with its older
-# kernels than with its fusion emitters (4 slots, the bench problem: `advance` compiles in
-# 1.8-2.0 s against 2.7-2.9 s alone, 3.0 against 4.8-5.1 s in a sweep's first call, and
-# iterates in 174-178 against 261-286 us; the same bits). Tsit5's 128-slot iterations are
-# 30 % slower with them: it keeps the default.
+# kernels than with its fusion emitters (jaxlib 0.10.2, 4 slots, the bench problem: `advance`
+# compiles in 1.8-2.0 s against 2.7-2.9 s alone, 3.0 against 4.8-5.1 s in a sweep's first
+# call, and iterates in 174-178 against 261-286 us; the same bits). Tsit5's 128-slot
+# iterations are 30 % slower with them: it keeps the default. jaxlib >= 0.11 has no such
+# option (only its emitters): there the default programs are used (`_xla` probes it).
 _OLDER_KERNELS = {"xla_cpu_use_fusion_emitters": False}
-_advance_older = eqx.filter_jit(advance.__wrapped__, compiler_options=_OLDER_KERNELS)
-_refill_states_older = eqx.filter_jit(_refill_states.__wrapped__,
-                                      compiler_options=_OLDER_KERNELS)
+_advance_older = OptionJit(advance.__wrapped__, _OLDER_KERNELS, "cpu")
+_refill_states_older = OptionJit(_refill_states.__wrapped__, _OLDER_KERNELS, "cpu")
 
 
 def compiled_for(method, platform: str):
     """(`advance`, `_refill_states`) as compiled for `method` on `platform` ("cpu", "gpu",
     ...)."""
-    if platform == "cpu" and isinstance(method, Fused) and method.implicit:
+    if (platform == "cpu" and isinstance(method, Fused) and method.implicit
+            and accepted_options(_OLDER_KERNELS, "cpu")):
         return _advance_older, _refill_states_older
     return advance, _refill_states

@@ -17,7 +17,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from diffrax._root_finder import use_stepsize_tol  # what `diffeqsolve` looks for
+import optimistix as optx
 
 from .._solve import resolve_solver
 from ._advance import Step
@@ -36,6 +36,11 @@ def diffrax_method(solver) -> "DiffraxMethod":
         raise ValueError(f"`solver` must be a diffrax ODE solver (one term), got "
                          f"{type(solver).__name__}.")
     return DiffraxMethod(solver)
+
+
+# The marker `diffeqsolve` looks for in a root finder's `rtol`/`atol`/`norm` (to fill them
+# from the step size controller), taken from diffrax's public wrapper that sets it
+_USE_STEPSIZE_TOL = dfx.with_stepsize_controller_tols(optx.Chord)().rtol
 
 
 def _vector_field(t, y, args):
@@ -70,7 +75,7 @@ def _with_controller_tols(solver, controller):
     if not isinstance(solver, dfx.AbstractImplicitSolver):
         return solver
     names = [a for a in ("rtol", "atol", "norm")
-             if getattr(solver.root_finder, a) is use_stepsize_tol]
+             if getattr(solver.root_finder, a) is _USE_STEPSIZE_TOL]
     return eqx.tree_at(lambda s: tuple(getattr(s.root_finder, a) for a in names), solver,
                        tuple(getattr(controller, a) for a in names))
 

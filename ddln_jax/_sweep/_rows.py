@@ -15,6 +15,7 @@ from .._loss import as_problem
 from .._network import INITS as INITS
 from .._network import init_padded
 from .._trajectory import Result
+from .._xla import OptionJit
 from ._slots import BUDGET, CONVERGED, DONE, FAILED
 
 # the raw fields of a finished row (what the stepper gives), and the derived ones
@@ -22,10 +23,7 @@ RAW = ("index", "theta", "num_steps", "ok", "result", "t_final", "implicit")
 DERIVED = ("loss", "sigma", "rate", "theorem2_rate", "layers0")
 
 
-# Drawing the inits (threefry, vmapped) compiles 3x faster with LLVM's -O1 than its default
-# -O2 (0.5 against 1.5 s, on the critical path of a first call), runs as fast, same bits
-@eqx.filter_jit(compiler_options={"xla_backend_optimization_level": 1})
-def make_rows(gids: Int[Array, " n"], gd: Int[Array, " B"], gs: Float[Array, " B"],
+def _make_rows(gids: Int[Array, " n"], gd: Int[Array, " B"], gs: Float[Array, " B"],
               gr: Int[Array, " B"], key: PRNGKeyArray, max_depth: int, dim: int, init: str,
               problem_fn: Callable | None
               ) -> tuple[Float[Array, "n max_depth dim"], Int[Array, " n"], PyTree | None]:
@@ -36,6 +34,11 @@ def make_rows(gids: Int[Array, " n"], gd: Int[Array, " B"], gs: Float[Array, " B
     u0 = jax.vmap(lambda k, d, sc: init_padded(k, d, max_depth, dim, sc, init))(
         keys, gd[gids], gs[gids])
     return (u0, *problem_rows(gids, gd, gr, problem_fn))
+
+
+# Drawing the inits (threefry, vmapped) compiles 3x faster with LLVM's -O1 than its default
+# -O2 (0.5 against 1.5 s, on the critical path of a first call), runs as fast, same bits
+make_rows = OptionJit(_make_rows, {"xla_backend_optimization_level": 1})
 
 
 @eqx.filter_jit
