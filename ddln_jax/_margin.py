@@ -4,7 +4,8 @@ flows approach, and the margins along a flow.
 With theta = prod_j u^j (L-homogeneous in the layers) and an exponential-tailed loss, the
 direction of theta(t) tends to a KKT point of
 
-    min ||theta||_{2/L}  subject to  y_n <x_n, theta> >= 1,      ||theta||_p = (sum |theta_i|^p)^{1/p}
+    min ||theta||_{2/L}  subject to  y_n <x_n, theta> >= 1,
+    ||theta||_p = (sum_i |theta_i|^p)^{1/p}
 
 (Gunasekar et al. 2018; Lyu & Li 2020): at depth 2 the l1 max-margin (a linear program), for
 L >= 3 a non-convex quasi-norm whose local minima are vertices of the feasible polyhedron
@@ -50,8 +51,13 @@ def _weighted_l1(Z, w, allowed=None):
     simplex, which returns a vertex. `allowed` (bool, dim) fixes the other coordinates to 0."""
     n, d = Z.shape
     bounds = [(0.0, None if allowed is None or allowed[i % d] else 0.0) for i in range(2 * d)]
-    res = linprog(np.concatenate([w, w]), A_ub=-np.hstack([Z, -Z]), b_ub=-np.ones(n),
-                  bounds=bounds, method="highs-ds")
+    res = linprog(
+        np.concatenate([w, w]),
+        A_ub=-np.hstack([Z, -Z]),
+        b_ub=-np.ones(n),
+        bounds=bounds,
+        method="highs-ds",
+    )
     if res.status == 2:
         raise _not_separable("the margin linear program is infeasible")
     if res.status != 0:
@@ -65,9 +71,14 @@ def _svm(Z):
     _weighted_l1(Z, np.ones(Z.shape[1]))  # separability, with the clear error
     G = Z @ Z.T
     n = Z.shape[0]
-    res = minimize(lambda v: 0.5 * v @ G @ v - v.sum(), np.full(n, 1.0 / n),
-                   jac=lambda v: G @ v - 1.0, bounds=[(0.0, None)] * n, method="SLSQP",
-                   options={"ftol": 1e-15, "maxiter": 1000})
+    res = minimize(
+        lambda v: 0.5 * v @ G @ v - v.sum(),
+        np.full(n, 1.0 / n),
+        jac=lambda v: G @ v - 1.0,
+        bounds=[(0.0, None)] * n,
+        method="SLSQP",
+        options={"ftol": 1e-15, "maxiter": 1000},
+    )
     nu = np.maximum(res.x, 0.0)
     theta = Z.T @ nu
     active = Z @ theta <= 1.0 + 1e-6
@@ -83,8 +94,7 @@ def _polish_vertex(Z, theta, tol=1e-9):
     support = np.abs(theta) > tol * np.max(np.abs(theta))
     active = Z @ theta <= 1.0 + tol
     sol = np.zeros_like(theta)
-    sol[support] = np.linalg.lstsq(Z[np.ix_(active, support)], np.ones(active.sum()),
-                                   rcond=None)[0]
+    sol[support] = np.linalg.lstsq(Z[np.ix_(active, support)], np.ones(active.sum()), rcond=None)[0]
     return sol if np.min(Z @ sol) >= 1.0 - 1e-10 else theta
 
 
@@ -189,8 +199,9 @@ class MaxMargin(eqx.Module):
     starts: tuple = eqx.field(static=True)
 
 
-def max_margin(X, y, *, depth: int, norm: str = "l2/L", key=None, num_starts: int = 8,
-               tol: float = 1e-8) -> MaxMargin:
+def max_margin(
+    X, y, *, depth: int, norm: str = "l2/L", key=None, num_starts: int = 8, tol: float = 1e-8
+) -> MaxMargin:
     """The max-margin direction that logistic/exponential flows of a depth-L network approach.
 
     **Arguments:**
@@ -203,8 +214,9 @@ def max_margin(X, y, *, depth: int, norm: str = "l2/L", key=None, num_starts: in
         starts (the l1 and l2 solutions and `num_starts` random reweightings drawn from
         `key`), each polished to its vertex — or, for small problems (C(n + dim, dim) <=
         20000), by enumerating every vertex of the feasible set: then `candidates` are all
-        the KKT points (local minima) and `theta` is the global minimiser. `"l2"`: the hard-margin SVM (the kernel limit
-        of large initializations u^j(0) = alpha 1, u^L(0) = 0).
+        the KKT points (local minima) and `theta` is the global minimiser. `"l2"`: the
+        hard-margin SVM (the kernel limit of large initializations u^j(0) = alpha 1,
+        u^L(0) = 0).
     - `key`: a PRNG key for the random starts (None: only the two deterministic ones).
     - `tol`: KKT residual below which a point counts as a KKT point.
 
@@ -221,13 +233,24 @@ def max_margin(X, y, *, depth: int, norm: str = "l2/L", key=None, num_starts: in
     if norm == "l2":
         th = _svm(Z)
         res, lam = _residual_np(th, Z, 1)
-        return _result(th, [th], [float(th @ th)], res, lam, depth, norm,
-                       "svm-dual-slsqp+active-set", ("dual",), 1)
+        return _result(
+            th,
+            [th],
+            [float(th @ th)],
+            res,
+            lam,
+            depth,
+            norm,
+            "svm-dual-slsqp+active-set",
+            ("dual",),
+            1,
+        )
     l1 = _polish_vertex(Z, _weighted_l1(Z, np.ones(Z.shape[1])))
     if depth == 2:
         res, lam = _residual_np(l1, Z, 2)
-        return _result(l1, [l1], [float(np.abs(l1).sum())], res, lam, depth, norm,
-                       "linprog-highs", ("l1",), 2)
+        return _result(
+            l1, [l1], [float(np.abs(l1).sum())], res, lam, depth, norm, "linprog-highs", ("l1",), 2
+        )
     return _search(Z, depth, l1, key, num_starts, tol, norm)
 
 
@@ -273,8 +296,18 @@ def _search(Z, depth, l1, key, num_starts, tol, norm):
         order = np.argsort(objectives)
         found = [found[i] for i in order]
         res, lam = _residual_np(found[0], Z, depth)
-        return _result(found[0], found, [objectives[i] for i in order], res, lam, depth, norm,
-                       "vertex-enumeration", ("all vertices",) * len(found), depth)
+        return _result(
+            found[0],
+            found,
+            [objectives[i] for i in order],
+            res,
+            lam,
+            depth,
+            norm,
+            "vertex-enumeration",
+            ("all vertices",) * len(found),
+            depth,
+        )
     starts = [("l1", l1), ("l2", _svm(Z))]
     if key is not None:
         w = np.asarray(jnp.exp(jr.normal(key, (num_starts, Z.shape[1]))))
@@ -295,25 +328,51 @@ def _search(Z, depth, l1, key, num_starts, tol, norm):
             found.append(th)
             labels.append((name,))
     if not found:
-        warnings.warn(f"max_margin: no start reached a KKT point (best residual {best[1]:.3g});"
-                      " returning the point of least residual.", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"max_margin: no start reached a KKT point (best residual {best[1]:.3g});"
+            " returning the point of least residual.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         found, labels = [best[0]], [("best",)]
     objectives = [float(np.sum(np.abs(c) ** p)) for c in found]
     order = np.argsort(objectives)
     found = [found[i] for i in order]
     res, lam = _residual_np(found[0], Z, depth)
-    return _result(found[0], found, [objectives[i] for i in order], res, lam, depth, norm,
-                   "irl1-linprog-highs", tuple("+".join(labels[i]) for i in order), depth)
+    return _result(
+        found[0],
+        found,
+        [objectives[i] for i in order],
+        res,
+        lam,
+        depth,
+        norm,
+        "irl1-linprog-highs",
+        tuple("+".join(labels[i]) for i in order),
+        depth,
+    )
 
 
 def _result(th, cands, objs, res, lam, depth, norm, method, starts, norm_depth):
     th = jnp.asarray(th)
-    mg = 1.0 / float(_quasi_norm(th, norm_depth)) if norm_depth > 1 else 1.0 / float(
-        jnp.linalg.norm(th))
-    return MaxMargin(theta=th, direction=th / jnp.linalg.norm(th), margin=jnp.asarray(mg),
-                     kkt_residual=jnp.asarray(res), multipliers=jnp.asarray(lam),
-                     candidates=jnp.asarray(np.stack(cands)), objectives=jnp.asarray(objs),
-                     depth=depth, norm=norm, method=method, starts=starts)
+    mg = (
+        1.0 / float(_quasi_norm(th, norm_depth))
+        if norm_depth > 1
+        else 1.0 / float(jnp.linalg.norm(th))
+    )
+    return MaxMargin(
+        theta=th,
+        direction=th / jnp.linalg.norm(th),
+        margin=jnp.asarray(mg),
+        kkt_residual=jnp.asarray(res),
+        multipliers=jnp.asarray(lam),
+        candidates=jnp.asarray(np.stack(cands)),
+        objectives=jnp.asarray(objs),
+        depth=depth,
+        norm=norm,
+        method=method,
+        starts=starts,
+    )
 
 
 class MarginPath(eqx.Module):
@@ -356,12 +415,15 @@ def margin_along(traj, problem, target=None) -> MarginPath:
     **Returns:** a `MarginPath`.
     """
     if not isinstance(problem, (Logistic, Exponential)):
-        raise TypeError("`problem` must be `dd.Logistic` or `dd.Exponential`, got "
-                        f"{type(problem).__name__}.")
+        raise TypeError(
+            f"`problem` must be `dd.Logistic` or `dd.Exponential`, got {type(problem).__name__}."
+        )
     layers = jnp.asarray(traj.layers)
     if layers.ndim != 3:
-        raise ValueError("`traj` must be one trajectory with layers (T, depth, dim), got shape "
-                         f"{tuple(layers.shape)} (index a batch first).")
+        raise ValueError(
+            "`traj` must be one trajectory with layers (T, depth, dim), got shape "
+            f"{tuple(layers.shape)} (index a batch first)."
+        )
     depth = layers.shape[1]
     X, y = problem.X, problem.y
     if target is None:
@@ -375,10 +437,13 @@ def margin_along(traj, problem, target=None) -> MarginPath:
     Z = _margin_matrix(X, y)
     res = [_residual_np(t, Z, depth)[0] for t in np.asarray(theta)]
     return MarginPath(
-        ts=jnp.asarray(traj.ts), log_loss=log_loss, margin=margin(theta, X, y, depth),
+        ts=jnp.asarray(traj.ts),
+        log_loss=log_loss,
+        margin=margin(theta, X, y, depth),
         normalized_margin=qmin / rho_l,
         smoothed_margin=_smoothed(problem, log_loss) / rho_l,
-        angle=jnp.arccos(jnp.clip(cos, -1.0, 1.0)), kkt_residual=jnp.asarray(res),
+        angle=jnp.arccos(jnp.clip(cos, -1.0, 1.0)),
+        kkt_residual=jnp.asarray(res),
         target=target,
     )
 
