@@ -60,8 +60,7 @@ def main(*, quick: bool = True, out="results/margins", seed: int = 0, progress=T
         # depth >= 3: the flow may end at another KKT point than the global minimiser
         cands = np.asarray(rich[L].candidates)
         to_kkt[a, b] = np.min([_angle(th, c) for c in cands], axis=0)
-    boundary = np.array([[gamma2 * al**L / np.max(np.abs(beta2)) for al in alphas]
-                         for L in depths])
+    boundary = np.array([[gamma2 * al**L / np.max(np.abs(beta2)) for al in alphas] for L in depths])
     fig, axes = plt.subplots(2, len(depths), figsize=(13, 7), sharex=True)
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(alphas)))
     for a, L in enumerate(depths):
@@ -80,24 +79,44 @@ def main(*, quick: bool = True, out="results/margins", seed: int = 0, progress=T
     axes[1, 0].set_ylabel("angle to ℓ_{2/L} max-margin\n(dotted: nearest KKT point)")
     axes[0, -1].legend(fontsize=7)
     files = save_figure(fig, out, "margins")
-    files.append(save_npz(out, "margins", X=X, y=y, depths=np.array(depths), alphas=alphas,
-                          ts=np.asarray(ts), log_loss=log_loss, angle_l2=to_l2,
-                          angle_rich=to_rich, angle_nearest_kkt=to_kkt, boundary=boundary,
-                          ok=ok, l2_direction=beta2,
-                          rich_directions=np.stack([np.asarray(rich[L].direction)
-                                                    for L in depths])))
+    files.append(
+        save_npz(
+            out,
+            "margins",
+            X=X,
+            y=y,
+            depths=np.array(depths),
+            alphas=alphas,
+            ts=np.asarray(ts),
+            log_loss=log_loss,
+            angle_l2=to_l2,
+            angle_rich=to_rich,
+            angle_nearest_kkt=to_kkt,
+            boundary=boundary,
+            ok=ok,
+            l2_direction=beta2,
+            rich_directions=np.stack([np.asarray(rich[L].direction) for L in depths]),
+        )
+    )
     last = -1
     summary = {
-        "n": n, "d": d, "depths": list(depths), "alphas": alphas, "tau_max": t1,
+        "n": n,
+        "d": d,
+        "depths": list(depths),
+        "alphas": alphas,
+        "tau_max": t1,
         "all_ok": bool(ok.all()),
         "min_log_loss": float(np.nanmin(log_loss)),
-        "l2_rich_gap": {str(L): float(_angle(np.asarray(rich[L].direction), beta2))
-                        for L in depths},
+        "l2_rich_gap": {
+            str(L): float(_angle(np.asarray(rich[L].direction), beta2)) for L in depths
+        },
         "final_angle_rich": {str(L): to_rich[a, :, last].tolist() for a, L in enumerate(depths)},
-        "final_angle_nearest_kkt": {str(L): to_kkt[a, :, last].tolist()
-                                    for a, L in enumerate(depths)},
-        "min_angle_l2": {str(L): np.nanmin(to_l2[a, :, 1:], axis=1).tolist()
-                         for a, L in enumerate(depths)},
+        "final_angle_nearest_kkt": {
+            str(L): to_kkt[a, :, last].tolist() for a, L in enumerate(depths)
+        },
+        "min_angle_l2": {
+            str(L): np.nanmin(to_l2[a, :, 1:], axis=1).tolist() for a, L in enumerate(depths)
+        },
         "boundary_log_inv_loss": boundary,
     }
     files.append(save_json(out, "margins", summary))

@@ -42,8 +42,10 @@ problem = dd.Exponential(X, y)
 svm = dd.max_margin(X, y, depth=2, norm="l2")
 for L in (2, 3, 4):
     mm = dd.max_margin(X, y, depth=L)
-    print(f"L={L}: {mm.method}, {mm.candidates.shape[0]} KKT point(s), margin "
-          f"{float(mm.margin):.4f}, theta = {np.round(np.asarray(mm.theta), 3)}")
+    print(
+        f"L={L}: {mm.method}, {mm.candidates.shape[0]} KKT point(s), margin "
+        f"{float(mm.margin):.4f}, theta = {np.round(np.asarray(mm.theta), 3)}"
+    )
 print("SVM:", np.round(np.asarray(svm.theta), 3))
 
 # %% [markdown]
@@ -63,8 +65,10 @@ for L in (2, 3):
     axes[0].loglog(x, np.asarray(path.angle[1:]), label=f"L={L}")
     axes[1].semilogx(x, np.asarray(path.smoothed_margin[1:]) * L ** (L / 2), label=f"L={L}")
     axes[2].loglog(x, np.asarray(path.kkt_residual[1:]), label=f"L={L}")
-    print(f"L={L}: ok={bool(traj.ok)}, final log L = {float(path.log_loss[-1]):.1f}, angle "
-          f"{float(path.angle[-1]):.2e}, KKT residual {float(path.kkt_residual[-1]):.2e}")
+    print(
+        f"L={L}: ok={bool(traj.ok)}, final log L = {float(path.log_loss[-1]):.1f}, angle "
+        f"{float(path.angle[-1]):.2e}, KKT residual {float(path.kkt_residual[-1]):.2e}"
+    )
 axes[0].set(xlabel="log(1/L)", ylabel="angle to dd.max_margin")
 axes[1].set(xlabel="log(1/L)", ylabel="smoothed margin × L^{L/2}")
 axes[2].set(xlabel="log(1/L)", ylabel="KKT residual")
@@ -92,8 +96,13 @@ print("angles to each KKT point:", np.round(np.arccos(np.clip(cos, -1, 1)), 6))
 # %%
 u0 = dd.init_yun(0.1, jnp.ones(5), 2)
 stop = dd.gradient_flow(u0, problem, t1=1000.0, ts=ts, time="log", stop_at_loss=1e-200)
-print("stopped at tau =", float(stop.t_final), "loss", float(stop.loss[-1]),
-      dd.result_message(stop.result).split(":")[0])
+print(
+    "stopped at tau =",
+    float(stop.t_final),
+    "loss",
+    float(stop.loss[-1]),
+    dd.result_message(stop.result).split(":")[0],
+)
 
 # %% [markdown]
 # The (α, ε) phase diagram for depths 2–4 is `python -m experiments.margins`.

@@ -33,10 +33,15 @@ def l1_lp(X, y):
 def svm_qp(X, y):
     """min ||theta||^2 / 2 s.t. y_n <x_n, theta> >= 1, primal, trust-constr."""
     Z = y[:, None] * X
-    res = minimize(lambda t: 0.5 * t @ t, np.linalg.lstsq(Z, np.ones(len(y)), rcond=None)[0],
-                   jac=lambda t: t, hess=lambda t: np.eye(len(t)), method="trust-constr",
-                   constraints=[LinearConstraint(Z, lb=np.ones(len(y)))],
-                   options={"gtol": 1e-13, "xtol": 1e-14, "maxiter": 5000})
+    res = minimize(
+        lambda t: 0.5 * t @ t,
+        np.linalg.lstsq(Z, np.ones(len(y)), rcond=None)[0],
+        jac=lambda t: t,
+        hess=lambda t: np.eye(len(t)),
+        method="trust-constr",
+        constraints=[LinearConstraint(Z, lb=np.ones(len(y)))],
+        options={"gtol": 1e-13, "xtol": 1e-14, "maxiter": 5000},
+    )
     return res.x
 
 
@@ -180,7 +185,9 @@ def test_reweighted_l1_search_reaches_kkt_points(getkey):
         S = np.abs(th) > 1e-9 * np.abs(th).max()
         A = Z @ th <= 1 + 1e-9
         assert np.min(Z @ th) >= 1 - 1e-10 and S.sum() == A.sum()
-        lam = np.linalg.solve(Z[np.ix_(A, S)].T, (2 / 3) * np.sign(th[S]) * np.abs(th[S]) ** (-1 / 3))
+        lam = np.linalg.solve(
+            Z[np.ix_(A, S)].T, (2 / 3) * np.sign(th[S]) * np.abs(th[S]) ** (-1 / 3)
+        )
         assert np.all(lam >= -1e-10)
 
 
@@ -197,8 +204,9 @@ def test_margin_normalisation_and_residual_invariances():
         # balanced layers u^j = sign |theta|^{1/L}: Lyu & Li's q_min / ||u||^L = m L^{-L/2}
         u = np.abs(t) ** (1 / L) * np.ones((L, 1))
         u[0] *= np.sign(t)
-        np.testing.assert_allclose(np.min(Z @ np.prod(u, 0)) / np.sum(u**2) ** (L / 2),
-                                   m * L ** (-L / 2), rtol=1e-12)
+        np.testing.assert_allclose(
+            np.min(Z @ np.prod(u, 0)) / np.sum(u**2) ** (L / 2), m * L ** (-L / 2), rtol=1e-12
+        )
     assert dd.kkt_residual(th, X, y, 3) < 1e-12
     assert dd.kkt_residual(4.0 * th, 3.0 * X, y, 3) < 1e-12  # scale-invariant
     assert dd.kkt_residual(th + 0.05, X, y, 3) > 1e-3
