@@ -74,6 +74,7 @@ def main(*, quick: bool = True, out="results/margins", seed: int = 0, progress=T
             for row in (0, 1):
                 axes[row, a].axvline(boundary[a, b], color=colors[b], lw=0.6, ls="--")
         axes[0, a].set_title(f"depth {L}")
+        axes[1, a].set_xlim(left=0.1)  # boundaries of small alpha lie far left
         axes[1, a].set_xlabel("log(1/ε)  (training loss ε reached)")
     axes[0, 0].set_ylabel("angle to ℓ2 max-margin")
     axes[1, 0].set_ylabel("angle to ℓ_{2/L} max-margin\n(dotted: nearest KKT point)")
