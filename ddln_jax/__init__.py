@@ -12,6 +12,12 @@ from ._discrete import train as train
 from ._flow import DEFAULT_MAX_STEPS as DEFAULT_MAX_STEPS
 from ._flow import gradient_flow as gradient_flow
 from ._flow import log_times as log_times
+from ._gd_bias import GDBias as GDBias
+from ._gd_bias import gd_bias as gd_bias
+from ._gd_bias import interpolator_sharpness as interpolator_sharpness
+from ._gd_bias import max_stable_step as max_stable_step
+from ._gd_bias import StableStep as StableStep
+from ._gd_bias import step_factors as step_factors
 from ._geometry import ZeroCrossing as ZeroCrossing
 from ._geometry import conservation_residual as conservation_residual
 from ._geometry import corollary1_sigma as corollary1_sigma
