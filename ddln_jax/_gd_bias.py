@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
-from ._bias import ImplicitBias, implicit_bias
+from ._bias import ImplicitBias, _independent_rows, _problem_data, implicit_bias
 from ._loss import LeastSquares, check_batch_size
 from ._mirror import MirrorMap
 from ._network import check_assumption_a, reduced_init, to_reduced
@@ -193,8 +193,7 @@ def gd_bias(
             "`gd_bias` supports the product network only (`parameterization=None`); the "
             "tied and difference parameterizations are not supported."
         )
-    if not isinstance(problem, LeastSquares):
-        raise TypeError("`problem` must be a `dd.LeastSquares(X, y)` for `gd_bias`.")
+    _check_problem(problem, "gd_bias")
     layers0 = check_layers(layers0)
     check_assumption_a(layers0, strict=True)
     step_size = _check_step(step_size)
@@ -214,6 +213,12 @@ def gd_bias(
         signs, ok = red.signs, ok & exists
     method = "flow" if trajectory is None else "run"
     return _finish(m, signs, layers0, problem, log_shrink, ok, tol, method)
+
+
+def _check_problem(problem, what):
+    if not isinstance(problem, LeastSquares):
+        raise TypeError(f"`problem` must be a `dd.LeastSquares(X, y)` for `{what}`.")
+    _independent_rows(*_problem_data(problem, None))  # raises for an inconsistent system
 
 
 def _check_step(step_size):
@@ -345,8 +350,7 @@ def max_stable_step(
     """
     from scipy.optimize import brentq
 
-    if not isinstance(problem, LeastSquares):
-        raise TypeError("`problem` must be a `dd.LeastSquares(X, y)` for `max_stable_step`.")
+    _check_problem(problem, "max_stable_step")
     layers0 = check_layers(layers0)
     check_assumption_a(layers0, strict=True)
     check_tolerances(rtol, atol, max_steps)
