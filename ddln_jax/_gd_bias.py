@@ -17,7 +17,6 @@ time they are integrated along one gradient flow to first order in gamma.
 import warnings
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
@@ -112,8 +111,18 @@ def _flow_gains(layers0, problem, batch_size, t1, solver, rtol, atol, max_steps,
     y0 = (layers0, jnp.zeros_like(red.a), zeros, zeros, jnp.zeros_like(red.a))
     ts = jnp.asarray([t1])
     ys, result, steps, ok, t_final = diffeq(
-        field, y0, None, t0=0.0, t1=t1, ts=ts, solver=solver, rtol=rtol, atol=atol,
-        max_steps=max_steps, gtol=gtol, stop_on=lambda f: f[1],
+        field,
+        y0,
+        None,
+        t0=0.0,
+        t1=t1,
+        ts=ts,
+        solver=solver,
+        rtol=rtol,
+        atol=atol,
+        max_steps=max_steps,
+        gtol=gtol,
+        stop_on=lambda f: f[1],
     )
     layers, xi, acc_a, _, acc_c = (x[-1] for x in ys)
     return red, layers, acc_a, acc_c, ok
@@ -206,8 +215,15 @@ def gd_bias(
         check_positive("gtol", gtol)
         max_steps = check_int("max_steps", max_steps)
         red, _, acc_a, acc_c, ok = _flow_gains(
-            layers0, problem, batch_size, jnp.asarray(t1, float), resolve_solver(solver),
-            jnp.asarray(rtol), jnp.asarray(atol), max_steps, jnp.asarray(gtol),
+            layers0,
+            problem,
+            batch_size,
+            jnp.asarray(t1, float),
+            resolve_solver(solver),
+            jnp.asarray(rtol),
+            jnp.asarray(atol),
+            max_steps,
+            jnp.asarray(gtol),
         )
         m, log_shrink, exists = _predict(red, acc_a, acc_c, step_size)
         signs, ok = red.signs, ok & exists
@@ -292,8 +308,13 @@ def _finish(m, signs, layers0, problem, log_shrink, ok, tol, method):
             stacklevel=3,
         )
     return GDBias(
-        theta=bias.theta, layers0_eff=_layers_from(m, signs, red.k), log_shrink=log_shrink,
-        alpha_ratio=jnp.exp(0.5 * log_shrink), bias=bias, converged=converged, method=method,
+        theta=bias.theta,
+        layers0_eff=_layers_from(m, signs, red.k),
+        log_shrink=log_shrink,
+        alpha_ratio=jnp.exp(0.5 * log_shrink),
+        bias=bias,
+        converged=converged,
+        method=method,
     )
 
 
@@ -334,8 +355,16 @@ def _top_eig(metric, X):
 
 
 def max_stable_step(
-    layers0, problem, *, t1=1e6, rtol=1e-10, atol=1e-12, gtol=1e-9, solver=None,
-    max_steps: int = 2**20, xtol=1e-10,
+    layers0,
+    problem,
+    *,
+    t1=1e6,
+    rtol=1e-10,
+    atol=1e-12,
+    gtol=1e-9,
+    solver=None,
+    max_steps: int = 2**20,
+    xtol=1e-10,
 ) -> StableStep:
     """The predicted largest step size at which gradient descent from `layers0` converges to
     the limit `gd_bias` predicts: the root of gamma lambda_max(theta_inf(gamma)) = 2, with
@@ -355,8 +384,14 @@ def max_stable_step(
     check_assumption_a(layers0, strict=True)
     check_tolerances(rtol, atol, max_steps)
     red, _, acc_a, acc_c, flow_ok = _flow_gains(
-        layers0, problem, None, jnp.asarray(t1, float), resolve_solver(solver),
-        jnp.asarray(rtol), jnp.asarray(atol), check_int("max_steps", max_steps),
+        layers0,
+        problem,
+        None,
+        jnp.asarray(t1, float),
+        resolve_solver(solver),
+        jnp.asarray(rtol),
+        jnp.asarray(atol),
+        check_int("max_steps", max_steps),
         jnp.asarray(gtol),
     )
 
@@ -384,7 +419,13 @@ def max_stable_step(
         warnings.warn(
             "max_stable_step: not converged (the flow, the prediction or the root search "
             "failed); the step size returned is not reliable.",
-            RuntimeWarning, stacklevel=2,
+            RuntimeWarning,
+            stacklevel=2,
         )
-    return StableStep(step_size=jnp.asarray(gamma), sharpness=lam, theta=theta,
-                      flow_step=flow_step, converged=converged)
+    return StableStep(
+        step_size=jnp.asarray(gamma),
+        sharpness=lam,
+        theta=theta,
+        flow_step=flow_step,
+        converged=converged,
+    )

@@ -43,14 +43,18 @@ def _numpy_gd(X, y, u0, gammas, steps, batch=None, rng=None):
         else:
             idx = rng.permutation(n)[:batch]
             g = (n / batch) * 2.0 * (theta @ X[idx].T - y[idx]) @ X[idx]
-        new = np.stack([u[:, j] - gam * np.prod(np.delete(u, j, axis=1), axis=1) * g
-                        for j in range(u.shape[1])], axis=1)
+        new = np.stack(
+            [
+                u[:, j] - gam * np.prod(np.delete(u, j, axis=1), axis=1) * g
+                for j in range(u.shape[1])
+            ],
+            axis=1,
+        )
         if u.shape[1] > 2 or steps <= 300:
             for j in range(u.shape[1]):
                 for k in range(j + 1, u.shape[1]):
                     rest = np.prod(np.delete(u, [j, k], axis=1) ** 2, axis=1)
-                    law = ((u[:, j] - u[:, k]) * (u[:, j] + u[:, k])
-                           * (1 - gam**2 * g**2 * rest))
+                    law = (u[:, j] - u[:, k]) * (u[:, j] + u[:, k]) * (1 - gam**2 * g**2 * rest)
                     real = (new[:, j] - new[:, k]) * (new[:, j] + new[:, k])
                     # relative to the size of the terms: a difference of squares cannot be
                     # computed to better than eps (u_j^2 + u_k^2)
@@ -74,8 +78,9 @@ def test_per_step_law_matches_real_iterates(depth, batch):
     # dd.step_factors gives the same factors on one step
     u = jnp.asarray(u0)
     g = 2.0 * X.T @ (X @ np.prod(u0, axis=0) - y)
-    new = u - 0.05 * jnp.stack([jnp.prod(jnp.delete(u, j, axis=0), axis=0) for j in
-                                range(depth)]) * g
+    new = (
+        u - 0.05 * jnp.stack([jnp.prod(jnp.delete(u, j, axis=0), axis=0) for j in range(depth)]) * g
+    )
     f = dd.step_factors(u, g, 0.05)
     for j in range(depth):
         for k in range(j + 1, depth):
@@ -94,12 +99,16 @@ def depth2():
 def _as_trajectory(layers0, prob, layers, xi, gamma, steps):
     theta = np.prod(layers, axis=0)
     return dd.Trajectory(
-        ts=jnp.asarray([0.0, gamma * steps]), layers=jnp.stack([layers0, jnp.asarray(layers)]),
+        ts=jnp.asarray([0.0, gamma * steps]),
+        layers=jnp.stack([layers0, jnp.asarray(layers)]),
         theta=jnp.stack([jnp.prod(layers0, 0), jnp.asarray(theta)]),
         xi=jnp.stack([jnp.zeros(D), jnp.asarray(xi)]),
         loss=jnp.asarray([prob.loss(jnp.prod(layers0, 0)), prob.loss(jnp.asarray(theta))]),
-        layers0=layers0, result=jnp.asarray(0), num_steps=jnp.asarray(steps),
-        ok=jnp.asarray(True), t_final=jnp.asarray(gamma * steps),
+        layers0=layers0,
+        result=jnp.asarray(0),
+        num_steps=jnp.asarray(steps),
+        ok=jnp.asarray(True),
+        t_final=jnp.asarray(gamma * steps),
     )
 
 
@@ -110,8 +119,9 @@ def test_depth2_run_reproduces_its_limit_and_gains(depth2, batch):
     fracs = (0.2, 0.5, 0.9) if batch is None else (0.2, 0.4)
     scale = 1.0 if batch is None else 1.0 / N  # SGD steps are n / b times larger
     gammas = [f * float(st.step_size) * scale for f in fracs]
-    u, xi, gains, _ = _numpy_gd(X, y, np.asarray(layers0), gammas, 6000, batch,
-                                np.random.default_rng(1))
+    u, xi, gains, _ = _numpy_gd(
+        X, y, np.asarray(layers0), gammas, 6000, batch, np.random.default_rng(1)
+    )
     for i, gamma in enumerate(gammas):
         traj = _as_trajectory(layers0, prob, u[i], xi[i], gamma, 6000)
         theta_run = np.prod(u[i], axis=0)
@@ -130,8 +140,9 @@ def test_train_matches_numpy_gd(depth2):
     prob, layers0, _ = depth2
     gamma = 0.1
     traj = dd.train(layers0, prob, gamma, steps=300, save_every=300)
-    u, xi, _, _ = _numpy_gd(np.asarray(prob.X), np.asarray(prob.y), np.asarray(layers0),
-                            [gamma], 300)
+    u, xi, _, _ = _numpy_gd(
+        np.asarray(prob.X), np.asarray(prob.y), np.asarray(layers0), [gamma], 300
+    )
     np.testing.assert_allclose(traj.layers[-1], u[0], rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(traj.xi[-1], xi[0], rtol=1e-12, atol=1e-14)
 
@@ -140,8 +151,7 @@ def test_train_matches_numpy_gd(depth2):
 def test_ahead_of_time_error_is_second_order(depth):
     prob, layers0 = _problem(), _layers(depth)
     gammas = jnp.asarray([0.01, 0.02, 0.04])
-    runs = jax.vmap(lambda g: dd.train(layers0, prob, g, steps=100_000,
-                                       save_every=100_000))(gammas)
+    runs = jax.vmap(lambda g: dd.train(layers0, prob, g, steps=100_000, save_every=100_000))(gammas)
     assert float(jnp.max(runs.loss[:, -1])) < 1e-26  # converged: the limits are measured
     flow = dd.implicit_bias(layers0, prob).theta
     pred_err, flow_err = [], []
@@ -161,8 +171,11 @@ def test_sgd_expected_limit_against_many_runs():
     prob, layers0 = _problem(), _layers(2)
     gamma, batch = 0.01, 2
     keys = jr.split(jr.key(0), 48)
-    runs = jax.vmap(lambda k: dd.train(layers0, prob, gamma, steps=40_000, save_every=40_000,
-                                       batch_size=batch, key=k))(keys)
+    runs = jax.vmap(
+        lambda k: dd.train(
+            layers0, prob, gamma, steps=40_000, save_every=40_000, batch_size=batch, key=k
+        )
+    )(keys)
     assert float(jnp.max(runs.loss[:, -1])) < 1e-24
     mean = jnp.mean(runs.theta[:, -1], axis=0)
     sgd = dd.gd_bias(layers0, prob, gamma, batch_size=batch).theta
@@ -195,14 +208,14 @@ def test_stability_threshold(depth):
     gammas = st.step_size * jnp.array([0.95, 1.05])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a run above gamma* may diverge
-        runs = jax.vmap(lambda g: dd.train(layers0, prob, g, steps=40_000,
-                                           save_every=40_000))(gammas)
+        runs = jax.vmap(lambda g: dd.train(layers0, prob, g, steps=40_000, save_every=40_000))(
+            gammas
+        )
     assert bool(runs.ok[0]) and float(runs.loss[0, -1]) < 1e-24  # converges below gamma*
     # above gamma* GD diverges or (edge of stability) converges elsewhere: not to the
     # predicted minimum, which is unstable there; the minimum it reaches is stable
     pred = dd.gd_bias(layers0, prob, float(gammas[1]))
-    lam_pred = dd.interpolator_sharpness(
-        jnp.asarray(_limit_layers(pred)), prob)
+    lam_pred = dd.interpolator_sharpness(jnp.asarray(_limit_layers(pred)), prob)
     assert float(gammas[1] * lam_pred / 2) > 1.0
     if bool(runs.ok[1]) and float(runs.loss[1, -1]) < 1e-24:
         lam = dd.interpolator_sharpness(runs.layers[1, -1], prob)
