@@ -13,10 +13,7 @@ from ._flow import DEFAULT_MAX_STEPS as DEFAULT_MAX_STEPS
 from ._flow import gradient_flow as gradient_flow
 from ._flow import log_times as log_times
 from ._gd_bias import GDBias as GDBias
-from ._gd_bias import StableStep as StableStep
 from ._gd_bias import gd_bias as gd_bias
-from ._gd_bias import interpolator_sharpness as interpolator_sharpness
-from ._gd_bias import max_stable_step as max_stable_step
 from ._gd_bias import step_factors as step_factors
 from ._geometry import ZeroCrossing as ZeroCrossing
 from ._geometry import conservation_residual as conservation_residual
@@ -62,6 +59,9 @@ from ._saddles import SaddlePath as SaddlePath
 from ._saddles import detect_plateaus as detect_plateaus
 from ._saddles import saddle_path as saddle_path
 from ._saddles import saddle_thresholds as saddle_thresholds
+from ._stability import StableStep as StableStep
+from ._stability import interpolator_sharpness as interpolator_sharpness
+from ._stability import max_stable_step as max_stable_step
 from ._stochastic import momentum_flow as momentum_flow
 from ._stochastic import stochastic_flow as stochastic_flow
 from ._sweep import SweepResult as SweepResult
