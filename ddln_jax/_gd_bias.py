@@ -17,14 +17,16 @@ time they are integrated along one gradient flow to first order in gamma.
 import warnings
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
-from ._bias import ImplicitBias, _independent_rows, _problem_data, implicit_bias
+from ._bias import ImplicitBias, _independent_rows, _problem_data, _vector, implicit_bias
 from ._loss import LeastSquares, check_batch_size
-from ._mirror import MirrorMap
+from ._mirror import MirrorMap, TiedMirrorMap
 from ._network import check_assumption_a, reduced_init, to_reduced
+from ._parameterize import _difference, _tied
 from ._solve import diffeq, resolve_solver
 from ._trajectory import Trajectory
 from ._validate import check_int, check_layers, check_positive, check_tolerances
@@ -193,16 +195,23 @@ def gd_bias(
 
     **Returns:** a `GDBias`; a `RuntimeWarning` when `.converged` is False.
 
+    With `parameterization=dd.tied(L)` (`layers0` = u0 > 0, `(dim,)`) or `dd.difference(L)`
+    (`layers0` = `(u0, v0)`, both > 0; the tied map on the lifted problem [X, -X]) the same in
+    closed form: no invariants, the effective init u0_eff of `dd.TiedMirrorMap` (returned as
+    `layers0_eff`; `log_shrink` is then ln(u0_eff^L / u0^L), shape `(1, dim)`, `(1, 2 dim)`
+    for [u; v]).
+
     **Raises:** `ValueError` for a step size <= 0, a diverged `trajectory`, an inconsistent
-    system, or a `parameterization` other than the product network (tied and difference
-    networks: not supported here).
+    system, or a `parameterization` other than the product, tied and difference networks.
     """
-    if parameterization is not None:
-        raise ValueError(
-            "`gd_bias` supports the product network only (`parameterization=None`); the "
-            "tied and difference parameterizations are not supported."
-        )
     _check_problem(problem, "gd_bias")
+    if parameterization is not None:
+        step_size = _check_step(step_size)
+        batch_size = check_batch_size(problem, batch_size)
+        flow = (t1, rtol, atol, gtol, solver, max_steps)
+        return _tied_bias(
+            layers0, problem, step_size, batch_size, trajectory, parameterization, flow, tol
+        )
     layers0 = check_layers(layers0)
     check_assumption_a(layers0, strict=True)
     step_size = _check_step(step_size)
@@ -251,7 +260,9 @@ def _predict(red, acc_a, acc_c, gamma):
     return m, log_shrink, exists
 
 
-def _from_run(layers0, problem, gamma, traj):
+def _check_run(traj, layers0, problem):
+    """A single, finished run from `layers0`: an error if it diverged, a warning if it has
+    not converged yet."""
     if not isinstance(traj, Trajectory):
         raise TypeError(f"`trajectory` must be a `dd.Trajectory`, got {type(traj).__name__}.")
     if np.asarray(traj.ok).ndim != 0:
@@ -271,8 +282,12 @@ def _from_run(layers0, problem, gamma, traj):
             "initialization is still drifting and the implied limit is where it would end "
             "if it drifted no further. Train longer.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
+
+
+def _from_run(layers0, problem, gamma, traj):
+    _check_run(traj, layers0, problem)
     red = reduced_init(layers0)
     v = to_reduced(traj.layers[-1], red.k)
     deltas = v[1:] ** 2 - v[0] ** 2
@@ -316,3 +331,118 @@ def _finish(m, signs, layers0, problem, log_shrink, ok, tol, method):
         converged=converged,
         method=method,
     )
+
+
+def _tied_bias(layers0, problem, gamma, batch_size, trajectory, parameterization, flow, tol):
+    """`gd_bias` for theta = u^L (tied) and u^L - v^L (difference = tied on [X, -X]).
+    With phi(u) = int du / (L u^{L-1}), b = phi(u) - xi is constant along the flow and moves
+    by -gamma^2 L (L-1) g^2 u^{L-2} / 2 per step (Taylor), so ahead of time
+    phi(u0_eff) = phi(u0) - gamma L (L-1) / 2 int g^2 u^{L-2} dt; from a run,
+    phi(u0_eff) = phi(u_K) - xi_K exactly."""
+    kind = getattr(parameterization, "func", None)
+    depth = getattr(parameterization, "keywords", {}).get("depth")
+    if kind not in (_tied, _difference):
+        raise ValueError(
+            "`gd_bias` knows the product network, `dd.tied(L)` and `dd.difference(L)`; got "
+            "another `parameterization`."
+        )
+    lift = kind is _difference
+    X, y, d = problem.X, problem.y, problem.dim
+    if lift:
+        if not isinstance(layers0, (tuple, list)) or len(layers0) != 2:
+            raise ValueError("with `dd.difference(L)`, `layers0` must be the pair `(u0, v0)`.")
+        w0 = jnp.concatenate([_vector("layers0", x, d) for x in layers0])
+        lifted = LeastSquares(jnp.concatenate([X, -X], axis=1), y)
+    else:
+        w0, lifted = _vector("layers0", layers0, d), problem
+    if not bool(jnp.all(w0 > 0)):
+        raise ValueError("`layers0` must be > 0 for the tied and difference networks.")
+    if trajectory is not None:
+        _check_run(trajectory, layers0, problem)
+        last = jax.tree_util.tree_map(lambda x: x[-1], trajectory.layers)
+        w = jnp.concatenate(list(last)) if lift else last
+        xi = trajectory.xi[-1] * gamma / (trajectory.t_final / trajectory.num_steps)
+        b = _phi(w, depth) - (jnp.concatenate([xi, -xi]) if lift else xi)
+        ok = jnp.all(w > 0)
+    else:
+        t1, rtol, atol, gtol, solver, max_steps = flow
+        check_tolerances(rtol, atol, max_steps)
+        acc, ok = _tied_gains(
+            w0,
+            lifted,
+            batch_size,
+            depth,
+            jnp.asarray(t1, float),
+            resolve_solver(solver),
+            jnp.asarray(rtol),
+            jnp.asarray(atol),
+            check_int("max_steps", max_steps),
+            jnp.asarray(gtol),
+        )
+        b = _phi(w0, depth) - 0.5 * gamma * depth * (depth - 1) * acc
+    w_eff = _phi_inverse(b, depth)
+    ok = ok & jnp.all(jnp.isfinite(w_eff) & (w_eff > 0))
+    w_eff = jnp.where(jnp.isfinite(w_eff) & (w_eff > 0), w_eff, w0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        bias = implicit_bias(problem=lifted, mirror=TiedMirrorMap(w_eff, depth), tol=tol)
+    theta = bias.theta[:d] - bias.theta[d:] if lift else bias.theta
+    converged = ok & bias.converged
+    method = "flow" if trajectory is None else "run"
+    if not bool(converged):
+        warnings.warn(
+            f"gd_bias ({method}): the prediction did not converge (no positive effective "
+            "initialization, or the flow or the dual Newton failed).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    log_shrink = (depth * jnp.log(w_eff / w0))[None]
+    return GDBias(
+        theta=theta,
+        layers0_eff=(w_eff[:d], w_eff[d:]) if lift else w_eff,
+        log_shrink=log_shrink,
+        alpha_ratio=jnp.exp(0.5 * log_shrink),
+        bias=bias,
+        converged=converged,
+        method=method,
+    )
+
+
+def _phi(u, depth):
+    if depth == 2:
+        return 0.5 * jnp.log(u)
+    return -(u ** (-(depth - 2))) / (depth * (depth - 2))
+
+
+def _phi_inverse(b, depth):
+    if depth == 2:
+        return jnp.exp(2.0 * b)
+    return (-depth * (depth - 2) * b) ** (-1.0 / (depth - 2))
+
+
+@eqx.filter_jit
+def _tied_gains(w0, problem, batch_size, depth, t1, solver, rtol, atol, max_steps, gtol):
+    """The tied flow u' = -L u^{L-1} g with int E[g^2] u^{L-2} dt beside it."""
+
+    def field(t, y, args):
+        w, _, _ = y
+        g = problem.grad(w**depth)
+        g2 = _expected_grad_sq(problem, w**depth, batch_size)
+        return -depth * w ** (depth - 1) * g, -g, g2 * w ** (depth - 2)
+
+    y0 = (w0, jnp.zeros_like(w0), jnp.zeros_like(w0))
+    ys, _, _, ok, _ = diffeq(
+        field,
+        y0,
+        None,
+        t0=0.0,
+        t1=t1,
+        ts=jnp.asarray([t1]),
+        solver=solver,
+        rtol=rtol,
+        atol=atol,
+        max_steps=max_steps,
+        gtol=gtol,
+        stop_on=lambda f: f[1],
+    )
+    return ys[2][-1], ok

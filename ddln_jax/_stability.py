@@ -8,13 +8,14 @@ import warnings
 import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
+from scipy.optimize import brentq
 
 from ._bias import implicit_bias
 from ._gd_bias import _check_problem, _flow_gains, _layer_rhs, _predict
 from ._loss import LeastSquares
 from ._network import check_assumption_a
 from ._solve import resolve_solver
-from ._validate import check_int, check_layers, check_tolerances
+from ._validate import check_int, check_layers, check_tolerances, is_traced
 
 
 class StableStep(eqx.Module):
@@ -44,6 +45,16 @@ def interpolator_sharpness(layers, problem) -> Float[Array, ""]:
     if not isinstance(problem, LeastSquares):
         raise TypeError("`problem` must be a `dd.LeastSquares(X, y)`.")
     layers = check_layers(layers, "layers")
+    if not is_traced(layers):
+        r = float(jnp.linalg.norm(problem.X @ jnp.prod(layers, axis=0) - problem.y))
+        if r > 1e-6 * (1.0 + float(jnp.linalg.norm(problem.y))):
+            warnings.warn(
+                f"interpolator_sharpness: `layers` is not at an interpolator (residual "
+                f"{r:.3g}); the value is only the Gauss-Newton part of the Hessian there. "
+                "Use `dd.sharpness` away from interpolators.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     prods = -_layer_rhs(layers, jnp.ones(layers.shape[1], layers.dtype))
     return _top_eig(jnp.sum(prods**2, axis=0), problem.X)
 
@@ -76,8 +87,6 @@ def max_stable_step(
 
     **Arguments:** as `gd_bias`; `xtol` the relative tolerance on gamma*.
     """
-    from scipy.optimize import brentq
-
     _check_problem(problem, "max_stable_step")
     layers0 = check_layers(layers0)
     check_assumption_a(layers0, strict=True)

@@ -186,6 +186,35 @@ def test_sgd_expected_limit_against_many_runs():
     assert err < 0.1 * float(jnp.linalg.norm(gd - mean))
 
 
+@pytest.mark.parametrize("kind,depth", (("tied", 2), ("difference", 3)))
+def test_tied_and_difference(kind, depth):
+    rng = np.random.default_rng(depth)
+    X = rng.standard_normal((N, D))
+    prob = dd.LeastSquares(X, X @ (0.3 + rng.random(D)))  # a positive interpolator exists
+    par = dd.tied(depth) if kind == "tied" else dd.difference(depth)
+    w = 0.5 + 0.3 * rng.random((2, D))
+    u0 = jnp.asarray(w[0]) if kind == "tied" else (jnp.asarray(w[0]), jnp.asarray(w[1]))
+    flow = dd.implicit_bias(u0, prob, parameterization=par).theta
+    # the deep difference network's prediction degrades fast (measured: order 4.3 between
+    # gamma = 0.005 and 0.01, where the run's limit moved by 0.33): smaller steps there
+    gammas, steps = ((0.005, 0.01), 100_000) if kind == "tied" else ((0.00125, 0.0025), 200_000)
+    pred_err, flow_err = [], []
+    for g in gammas:
+        run = dd.train(u0, prob, g, steps=steps, save_every=steps, parameterization=par)
+        assert float(run.loss[-1]) < 1e-24
+        th = run.theta[-1]
+        back = dd.gd_bias(u0, prob, g, parameterization=par, trajectory=run)
+        np.testing.assert_allclose(back.theta, th, atol=1e-8)  # the run's own limit
+        pred = dd.gd_bias(u0, prob, g, parameterization=par)
+        assert bool(pred.converged)
+        pred_err.append(float(jnp.linalg.norm(pred.theta - th)))
+        flow_err.append(float(jnp.linalg.norm(flow - th)))
+    # measured: 7.9e-4 / 3.5e-3 against the flow's 8.1e-3 / 1.8e-2 (tied, L = 2), 6.0e-4 /
+    # 2.8e-3 against 5.1e-3 / 1.2e-2 (difference, L = 3): orders 2.16 and 2.23
+    order = np.log(pred_err[1] / pred_err[0]) / np.log(2.0)
+    assert 1.7 <= order <= 2.7 and pred_err[0] < 0.2 * flow_err[0]
+
+
 def test_bad_inputs(depth2):
     prob, layers0, _ = depth2
     with pytest.raises(ValueError, match="`step_size`"):
@@ -193,7 +222,9 @@ def test_bad_inputs(depth2):
     with pytest.raises(ValueError, match="`step_size`"):
         dd.gd_bias(layers0, prob, -0.1)
     with pytest.raises(ValueError, match="product network"):
-        dd.gd_bias(jnp.ones(D), prob, 0.1, parameterization=dd.tied(2))
+        dd.gd_bias(jnp.ones(D), prob, 0.1, parameterization=lambda u: u**3)
+    with pytest.raises(ValueError, match="> 0"):
+        dd.gd_bias(-jnp.ones(D), prob, 0.1, parameterization=dd.tied(2))
     with pytest.raises(ValueError, match="inconsistent"):
         X = np.vstack([np.asarray(prob.X)[:2], np.asarray(prob.X)[:1]])
         dd.gd_bias(layers0, dd.LeastSquares(X, np.array([1.0, 2.0, 3.0])), 0.1)

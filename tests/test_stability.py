@@ -82,6 +82,8 @@ def _limit_layers(pred):
 
 
 def test_bad_inputs():
+    with pytest.warns(RuntimeWarning, match="not at an interpolator"):
+        dd.interpolator_sharpness(_layers(2), _problem())
     with pytest.raises(TypeError, match="LeastSquares"):
         dd.interpolator_sharpness(_layers(2), lambda th: jnp.sum(th**2))
     with pytest.raises(ValueError, match="inconsistent"):
