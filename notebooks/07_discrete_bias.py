@@ -48,8 +48,10 @@ gamma = 0.05
 new = dd.train(u, problem, gamma, steps=1).layers[-1]
 f = dd.step_factors(u, g, gamma)
 law = (u[0] ** 2 - u[2] ** 2) * f[0, 2]
-print("relative error of the law:", float(jnp.max(jnp.abs(law - (new[0] ** 2 - new[2] ** 2))
-                                               / (new[0] ** 2 + new[2] ** 2))))
+print(
+    "relative error of the law:",
+    float(jnp.max(jnp.abs(law - (new[0] ** 2 - new[2] ** 2)) / (new[0] ** 2 + new[2] ** 2))),
+)
 
 # %% [markdown]
 # ## The threshold, and the limit below it
@@ -59,20 +61,24 @@ print("relative error of the law:", float(jnp.max(jnp.abs(law - (new[0] ** 2 - n
 # %%
 u0 = dd.init_yun(0.5, jnp.linspace(0.8, 1.2, 8), 3)
 st = dd.max_stable_step(u0, problem)
-print(f"gamma* = {float(st.step_size):.4f} (2/lambda at the flow's limit: "
-      f"{float(st.flow_step):.4f})")
+print(
+    f"gamma* = {float(st.step_size):.4f} (2/lambda at the flow's limit: {float(st.flow_step):.4f})"
+)
 flow = dd.implicit_bias(u0, problem).theta
 fracs = np.array([0.2, 0.5, 0.9])
 gammas = jnp.asarray(fracs * float(st.step_size))
 runs = jax.vmap(lambda g: dd.train(u0, problem, g, steps=30_000, save_every=30_000))(gammas)
 for i, gm in enumerate(gammas):
     ahead = dd.gd_bias(u0, problem, float(gm))
-    run = dd.gd_bias(u0, problem, float(gm),
-                     trajectory=jax.tree_util.tree_map(lambda x: x[i], runs))
+    run = dd.gd_bias(
+        u0, problem, float(gm), trajectory=jax.tree_util.tree_map(lambda x: x[i], runs)
+    )
     th = runs.theta[i, -1]
-    print(f"gamma/gamma* = {fracs[i]}: |GD - flow bias| = {float(jnp.linalg.norm(th - flow)):.2e}"
-          f", |GD - predicted| = {float(jnp.linalg.norm(th - ahead.theta)):.2e}"
-          f", |GD - from its run| = {float(jnp.linalg.norm(th - run.theta)):.1e}")
+    print(
+        f"gamma/gamma* = {fracs[i]}: |GD - flow bias| = {float(jnp.linalg.norm(th - flow)):.2e}"
+        f", |GD - predicted| = {float(jnp.linalg.norm(th - ahead.theta)):.2e}"
+        f", |GD - from its run| = {float(jnp.linalg.norm(th - run.theta)):.1e}"
+    )
 
 # %% [markdown]
 # ## How the effective initialization shrinks
@@ -83,8 +89,9 @@ for i, gm in enumerate(gammas):
 # %%
 fig, ax = plt.subplots(figsize=(6, 3.2))
 for b, name in ((None, "GD"), (2, "SGD, batch 2")):
-    res = dd.gd_bias(u0, problem, 0.5 * float(st.step_size) * (1 if b is None else 0.5),
-                     batch_size=b)
+    res = dd.gd_bias(
+        u0, problem, 0.5 * float(st.step_size) * (1 if b is None else 0.5), batch_size=b
+    )
     ax.plot(np.asarray(res.log_shrink).min(axis=0), "o-", label=name)
 ax.set_xlabel("coordinate i")
 ax.set_ylabel("min_j ln Δ_j(eff) / Δ_j(0)")
@@ -103,6 +110,8 @@ for depth in (2, 3):
     wd = dd.weight_decay_limit(v0, problem, lam)
     opt = optax.chain(optax.add_decayed_weights(lam), optax.sgd(0.01))
     gd = dd.train(v0, problem, opt, steps=200_000, save_every=200_000)
-    print(f"L = {depth}: support {np.flatnonzero(np.asarray(wd.support))}, residual "
-          f"{float(wd.residual):.1e}, |GD - predicted| = "
-          f"{float(jnp.linalg.norm(gd.theta[-1] - wd.theta)):.1e}")
+    print(
+        f"L = {depth}: support {np.flatnonzero(np.asarray(wd.support))}, residual "
+        f"{float(wd.residual):.1e}, |GD - predicted| = "
+        f"{float(jnp.linalg.norm(gd.theta[-1] - wd.theta)):.1e}"
+    )
