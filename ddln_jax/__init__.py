@@ -12,6 +12,9 @@ from ._discrete import train as train
 from ._flow import DEFAULT_MAX_STEPS as DEFAULT_MAX_STEPS
 from ._flow import gradient_flow as gradient_flow
 from ._flow import log_times as log_times
+from ._gd_bias import GDBias as GDBias
+from ._gd_bias import gd_bias as gd_bias
+from ._gd_bias import step_factors as step_factors
 from ._geometry import ZeroCrossing as ZeroCrossing
 from ._geometry import conservation_residual as conservation_residual
 from ._geometry import corollary1_sigma as corollary1_sigma
@@ -62,6 +65,9 @@ from ._saddles import SaddlePath as SaddlePath
 from ._saddles import detect_plateaus as detect_plateaus
 from ._saddles import saddle_path as saddle_path
 from ._saddles import saddle_thresholds as saddle_thresholds
+from ._stability import StableStep as StableStep
+from ._stability import interpolator_sharpness as interpolator_sharpness
+from ._stability import max_stable_step as max_stable_step
 from ._stochastic import momentum_flow as momentum_flow
 from ._stochastic import stochastic_flow as stochastic_flow
 from ._sweep import SweepResult as SweepResult
@@ -72,6 +78,8 @@ from ._trajectory import Result as Result
 from ._trajectory import Trajectory as Trajectory
 from ._trajectory import result_message as result_message
 from ._versions import show_versions as show_versions
+from ._weight_decay import WeightDecayLimit as WeightDecayLimit
+from ._weight_decay import weight_decay_limit as weight_decay_limit
 
 try:
     __version__ = importlib.metadata.version("ddln_jax")
