@@ -39,18 +39,24 @@ def _blocks(path, lang):
 
 
 CODE_PAGES = [p for p in PAGES if _blocks(p, "python")]
-COMMANDS = sorted({
-    m.group(0)
-    for p in PAGES for code in _blocks(p, "bash")
-    for m in re.finditer(r"python -m experiments\.[\w.]+(?: [^&|\n#;]*)?", code)
-})
+COMMANDS = sorted(
+    {
+        m.group(0)
+        for p in PAGES
+        for code in _blocks(p, "bash")
+        for m in re.finditer(r"python -m experiments\.[\w.]+(?: [^&|\n#;]*)?", code)
+    }
+)
 
 
 def _public_names():
     names = getattr(dd, "__all__", None)
     if names is None:  # every re-exported name (the package defines no __all__)
-        names = [n for n, v in vars(dd).items() if not n.startswith("_") and
-                 not inspect.ismodule(v) and n != "annotations"]
+        names = [
+            n
+            for n, v in vars(dd).items()
+            if not n.startswith("_") and not inspect.ismodule(v) and n != "annotations"
+        ]
     return sorted(names)
 
 
@@ -63,15 +69,30 @@ def site(shared_tmp_path):
     with open(shared_tmp_path / "site.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not record.is_file():
-            env = dict(os.environ, DDLN_NOTEBOOK_CACHE=str(shared_tmp_path / "notebooks"),
-                       NO_MKDOCS_2_WARNING="1")
+            env = dict(
+                os.environ,
+                DDLN_NOTEBOOK_CACHE=str(shared_tmp_path / "notebooks"),
+                NO_MKDOCS_2_WARNING="1",
+            )
             env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
             t = time.perf_counter()
-            run = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict",
-                                  "--site-dir", str(out)], cwd=ROOT, env=env,
-                                 capture_output=True, text=True, timeout=1200)
-            record.write_text(json.dumps({"rc": run.returncode, "log": run.stdout + run.stderr,
-                                          "seconds": time.perf_counter() - t}))
+            run = subprocess.run(
+                [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=1200,
+            )
+            record.write_text(
+                json.dumps(
+                    {
+                        "rc": run.returncode,
+                        "log": run.stdout + run.stderr,
+                        "seconds": time.perf_counter() - t,
+                    }
+                )
+            )
     built = json.loads(record.read_text())
     assert built["rc"] == 0, built["log"][-5000:]
     return out, built
@@ -79,8 +100,11 @@ def site(shared_tmp_path):
 
 def test_site_builds_strict_without_warnings(site):
     out, built = site
-    warnings = [line for line in built["log"].splitlines()
-                if line.startswith(("WARNING", "ERROR")) and "mkdocs_autorefs" not in line]
+    warnings = [
+        line
+        for line in built["log"].splitlines()
+        if line.startswith(("WARNING", "ERROR")) and "mkdocs_autorefs" not in line
+    ]
     assert not warnings
     for page in PAGES:  # every source page became a page of the site
         rel = page.relative_to(DOCS).with_suffix("")
@@ -90,8 +114,9 @@ def test_site_builds_strict_without_warnings(site):
 
 
 def test_every_public_name_has_exactly_one_api_entry():
-    entries = [m for p in API
-               for m in re.findall(r"^::: ddln_jax\.(\w+)\s*$", p.read_text(), flags=re.M)]
+    entries = [
+        m for p in API for m in re.findall(r"^::: ddln_jax\.(\w+)\s*$", p.read_text(), flags=re.M)
+    ]
     public = _public_names()
     assert len(public) > 60  # the package's names were found
     counts = {n: entries.count(n) for n in public}
@@ -123,8 +148,13 @@ def test_python_blocks_run(page, tmp_path, monkeypatch):
 
 def test_guides_have_code_that_runs():
     names = {str(p.relative_to(DOCS)) for p in CODE_PAGES}
-    assert {"guides/sweeps.md", "guides/discrete.md", "guides/conservation_laws.md",
-            "guides/small_init.md", "getting_started/first_flow.md"} <= names
+    assert {
+        "guides/sweeps.md",
+        "guides/discrete.md",
+        "guides/conservation_laws.md",
+        "guides/small_init.md",
+        "getting_started/first_flow.md",
+    } <= names
     assert all("assert " in "".join(_blocks(p, "python")) for p in CODE_PAGES)
 
 
@@ -132,8 +162,13 @@ def test_guides_have_code_that_runs():
 def test_bash_commands_parse(command):
     argv = shlex.split(command)
     module = argv[2]
-    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
-                         text=True, cwd=ROOT, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     for opt in (a for a in argv[3:] if a.startswith("--")):
         assert opt in out.stdout, f"{module} has no option {opt}"
@@ -148,7 +183,7 @@ def test_notebook_pages_show_their_outputs(site):
         for src in images:  # each figure is a real PNG in the site
             png = (out / "notebooks" / path.stem / src).resolve()
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert '<pre' in page  # printed output
+        assert "<pre" in page  # printed output
 
 
 # -- the browser ---------------------------------------------------------------------------
@@ -190,19 +225,35 @@ def browse(site, tmp_path_factory):
     missing = []
     handler = type("Handler", (_Handler,), {"missing": missing})
     server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
+        ("127.0.0.1", 0), functools.partial(handler, directory=str(root))
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
 
     def dom(path):
         profile = tmp_path_factory.mktemp("chromium-profile")
         run = subprocess.run(
-            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-             "--no-first-run", "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", f"--user-data-dir={profile}", "--enable-logging=stderr",
-             "--v=0", "--virtual-time-budget=15000", "--dump-dom",
-             f"http://127.0.0.1:{server.server_address[1]}/{path}"],
-            capture_output=True, text=True, timeout=180)
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                "--enable-logging=stderr",
+                "--v=0",
+                "--virtual-time-budget=15000",
+                "--dump-dom",
+                f"http://127.0.0.1:{server.server_address[1]}/{path}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         uncaught = [ln for ln in run.stderr.splitlines() if "CONSOLE" in ln and "Uncaught" in ln]
         return run.stdout, uncaught
@@ -224,8 +275,13 @@ def _text(html):
 def test_browser_sees_signatures_and_typeset_maths(browse):
     dom, missing = browse
     checks = {
-        "api/flows/": ["gradient_flow(", "layers0", "problem", "stop_when_converged",
-                       "-> Trajectory"],
+        "api/flows/": [
+            "gradient_flow(",
+            "layers0",
+            "problem",
+            "stop_when_converged",
+            "-> Trajectory",
+        ],
         "api/sweeps/": ["sweep(", "depths", "scales", "seeds", "load_sweep("],
     }
     for path, wanted in checks.items():

@@ -38,7 +38,9 @@ def _key(path: Path) -> str:
         h.update(str(src.relative_to(ROOT)).encode())
         h.update(src.read_bytes())
     h.update(sys.version.encode())
-    versions = sorted(f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions())
+    versions = sorted(
+        f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()
+    )
     h.update("\n".join(versions).encode())
     return h.hexdigest()[:20]
 
@@ -62,8 +64,9 @@ def execute(path: Path, cache: Path | None = None):
             return nbformat.read(done, as_version=4)
         nb = jupytext.read(path)
         with tempfile.TemporaryDirectory() as cwd:  # what a notebook writes lands here
-            NotebookClient(nb, timeout=600, kernel_name="python3",
-                           resources={"metadata": {"path": cwd}}).execute()
+            NotebookClient(
+                nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": cwd}}
+            ).execute()
         tmp = done.with_suffix(".tmp")
         nbformat.write(nb, tmp)
         tmp.replace(done)
@@ -79,25 +82,36 @@ def _fence(text: str, lang: str = "text") -> str:
     return f"{ticks}{lang}\n{text}\n{ticks}"
 
 
-def to_markdown(nb, stem: str) -> tuple[str, dict[str, bytes]]:
+def to_markdown(nb, stem: str, executed: bool = True) -> tuple[str, dict[str, bytes]]:
     """A page for notebook `nb` and its figures (file name → PNG bytes)."""
+    how = (
+        "Executed from `notebooks/{}.py` when this site was built"
+        if executed
+        else "Not executed in this build (`DDLN_DOCS_NOTEBOOKS=0`): `notebooks/{}.py`"
+    ).format(stem)
     parts, images = [], {}
     for cell in nb.cells:
         src = _text(cell.source)
         if cell.cell_type == "markdown":
             parts.append(src)
             if len(parts) == 1:
-                parts.append(f'!!! note ""\n    Executed from `notebooks/{stem}.py` when this site '
-                             "was built; `jupytext --to ipynb` makes it a notebook to run.")
+                parts.append(
+                    f'!!! note ""\n    {how}; `jupytext --to ipynb` makes it a notebook to run.'
+                )
             continue
         if cell.cell_type != "code" or not src:
             continue
         parts.append(_fence(src, "python"))
-        for out in cell.get("outputs", []):
+        printed = []  # consecutive printed text: one block
+        for out in cell.get("outputs", []) + [{"output_type": "end"}]:
             kind = out.get("output_type")
             if kind == "stream":
-                parts.append(_fence(_text(out["text"])))
-            elif kind in ("display_data", "execute_result"):
+                printed.append(_text(out["text"]))
+                continue
+            if printed:
+                parts.append(_fence("\n".join(printed)))
+                printed = []
+            if kind in ("display_data", "execute_result"):
                 data = out.get("data", {})
                 if _WIDGET in data:  # progress bars: nothing a static page can show
                     continue
@@ -106,7 +120,8 @@ def to_markdown(nb, stem: str) -> tuple[str, dict[str, bytes]]:
                     images[name] = base64.b64decode(data["image/png"])
                     parts.append(f"![output]({stem}_files/{name})")
                 elif "text/html" in data:
-                    parts.append(f'<div class="nb-output" markdown="0">\n{_text(data["text/html"])}\n</div>')
+                    html = _text(data["text/html"])
+                    parts.append(f'<div class="nb-output" markdown="0">\n{html}\n</div>')
                 elif "text/plain" in data:
                     parts.append(_fence(_text(data["text/plain"])))
     return "\n\n".join(parts) + "\n", images
@@ -123,7 +138,7 @@ def on_files(files, config):
             import jupytext
 
             nb = jupytext.read(path)
-        page, images = to_markdown(nb, path.stem)
+        page, images = to_markdown(nb, path.stem, executed=run)
         files.append(File.generated(config, f"notebooks/{path.stem}.md", content=page))
         for name, png in images.items():
             files.append(File.generated(config, f"notebooks/{path.stem}_files/{name}", content=png))
