@@ -6,6 +6,7 @@ cannot come from a CDN: its files come from the PyPI package `django-static-math
 `mkdocs.yml` loads `javascripts/mathjax-config.js` and then `javascripts/mathjax/tex-chtml.js`.
 """
 
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -15,16 +16,14 @@ _IGNORE = shutil.ignore_patterns("sre", "svg", "*svg*.js", "*-full*.js", "mml-*.
 
 
 def mathjax_dir() -> Path:
-    try:
-        import mathjax  # django-static-mathjax
-    except ImportError as e:
-        raise RuntimeError(
-            "the docs need MathJax from the `docs` extra: pip install -e '.[docs]'"
-        ) from e
-    es5 = Path(mathjax.__file__).parent / "static" / "mathjax" / "es5"
-    if not (es5 / "tex-chtml.js").is_file():
-        raise RuntimeError(f"django-static-mathjax has no es5/tex-chtml.js under {es5}")
-    return es5
+    spec = importlib.util.find_spec("mathjax")  # django-static-mathjax (3.2.2.0: no __init__)
+    if spec is None:
+        raise RuntimeError("the docs need MathJax from the `docs` extra: pip install -e '.[docs]'")
+    for folder in spec.submodule_search_locations or []:
+        es5 = Path(folder) / "static" / "mathjax" / "es5"
+        if (es5 / "tex-chtml.js").is_file():
+            return es5
+    raise RuntimeError(f"django-static-mathjax has no static/mathjax/es5/tex-chtml.js ({spec})")
 
 
 def on_post_build(config, **kwargs):
