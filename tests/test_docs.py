@@ -292,11 +292,11 @@ def test_browser_sees_signatures_and_typeset_maths(browse):
             assert w in text, f"{path}: {w!r} not shown"
         # the signature is rendered in its own block, as code
         assert re.search(r'class="[^"]*doc-signature', html), path
-    html, uncaught = dom("getting_started/geometry/")
+    html, uncaught = dom("maths/")
     assert "data-probe-errors" not in html and not uncaught, (_probe_errors(html), uncaught)
     formulas = html.count('class="arithmatex"')
     typeset = len(re.findall(r"<mjx-container[^>]*jax=\"CHTML\"", html))
-    assert formulas >= 4 and typeset >= formulas  # each display formula typeset by MathJax
+    assert formulas >= 2 and typeset >= formulas  # each display formula typeset by MathJax
     assert "<mjx-merror" not in html and "data-mjx-error" not in html  # no TeX error
     assert "\\prod" not in _text(html)  # no raw TeX left on the page
     assert missing == []  # no page, script, style or font was missing
