@@ -6,6 +6,7 @@ typeset formulas with no console error and no missing file."""
 
 import fcntl
 import functools
+import html as htmllib
 import http.server
 import importlib.util
 import inspect
@@ -270,7 +271,9 @@ def _probe_errors(html):
 
 
 def _text(html):
-    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", html)).replace("&amp;", "&")
+    """What a reader sees of `html` (no scripts or styles, entities decoded)."""
+    html = re.sub(r"<(script|style)\b.*?</\1>", "", html, flags=re.S)
+    return re.sub(r"\s+", " ", htmllib.unescape(re.sub(r"<[^>]+>", "", html)))
 
 
 @pytest.mark.slow

@@ -121,7 +121,7 @@ def to_markdown(nb, stem: str, executed: bool = True) -> tuple[str, dict[str, by
                     parts.append(f"![output]({stem}_files/{name})")
                 elif "text/html" in data:
                     html = _text(data["text/html"])
-                    parts.append(f'<div class="nb-output" markdown="0">\n{html}\n</div>')
+                    parts.append(f'<div class="nb-output">\n{html}\n</div>')
                 elif "text/plain" in data:
                     parts.append(_fence(_text(data["text/plain"])))
     return "\n\n".join(parts) + "\n", images
