@@ -41,6 +41,7 @@ def test_notebooks_exist():
         "04_sweeps",
         "05_conservation_laws",
         "06_saddle_to_saddle",
+        "08_margins",
     ]
     nav = (ROOT / "mkdocs.yml").read_text()  # each is a page of the docs site
     assert all(f"notebooks/{n}.md" in nav for n in names)
