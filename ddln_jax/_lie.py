@@ -80,7 +80,7 @@ class Commuting(eqx.Module):
     """Result of `is_commuting`.
 
     - `commuting`: every point has `max_bracket <= rtol`.
-    - `max_bracket`: max over points and pairs i < j of |[grad G_i, grad G_j](u)| divided by
+    - `max_bracket`: max over points and pairs i < j of `|[grad G_i, grad G_j](u)|` divided by
         the largest |D grad G_j . grad G_i| over all pairs (the size of the terms that cancel);
         0 when every such term is 0 (constant fields).
     - `brackets`: `(num_points,)` the same per point.

@@ -37,170 +37,37 @@ Prints one line per measurement and writes all of it to bench.json:
   each further trajectory costs: (peak(B) - peak(256)) / (result(B) - result(256)).
 """
 
-import json
-import os
 import platform
-import subprocess
-import sys
-import tempfile
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
-from scipy.integrate import solve_ivp
 
 import ddln_jax as dd
 
+from ._bench_processes import compile_cache, memory
+from ._bench_tools import (  # device_bench imports the problem and the counters from here
+    ATOL,
+    DEPTH,
+    DIM,
+    GTOL,
+    RTOL,
+    T1,
+    N,
+    _compiles,
+    _counters,
+    _counting_compiles,
+    _scipy_loop,
+    _scipy_solve,
+    _x,
+)
 from ._common import parser, save_json
 
 FULL_ESTIMATE = "29.5 min measured, with other jobs running,"
-DEPTH, DIM, N, T1, RTOL, ATOL, GTOL = 6, 8, 10, 50.0, 1e-8, 1e-10, 1e-7
-COUNTERS = ("host_syncs", "bytes_to_host", "retirements", "compiles")
-MEM_T = 2000  # save times of the memory rows
-MEM_REF_B = 256  # the memory rows' reference sweep (the same compiled programs, a small result)
-
-# a child process of the memory rows: imports jax + ddln_jax only, runs one sweep (or
-# `load_sweep`), prints its numbers as one JSON line; the parent reads its peak RSS
-_CHILD = r"""
-import json, resource, sys, time
-spec = json.loads(sys.argv[1])
-import jax
-jax.config.update("jax_enable_x64", True)
-import jax.numpy as jnp, jax.random as jr
-import ddln_jax as dd
-rep = {"import_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
-t = time.perf_counter()
-if spec["load"]:
-    res = dd.load_sweep(spec["out"])
-else:
-    kx, ky = jr.split(jr.key(0))
-    X, y = jr.normal(kx, (spec["n"], spec["dim"])), jr.normal(ky, (spec["n"],))
-    kw = {} if spec["budget"] is None else {"memory_budget": spec["budget"]}
-    res = dd.sweep(dd.LeastSquares(X, y), depths=[spec["depth"]], scales=[1.0],
-                   seeds=range(spec["B"]), t1=spec["t1"],
-                   ts=jnp.linspace(0.0, spec["t1"], spec["T"]),
-                   rtol=spec["rtol"], atol=spec["atol"], stop_when_converged=spec["gtol"],
-                   key=jr.key(0), progress=False, out=spec["out"], **kw)
-rep["wall_s"] = time.perf_counter() - t
-rep["theta_bytes"] = int(res.theta.nbytes)
-rep["result_bytes"] = int(sum(getattr(a, "nbytes", 0) for a in res.to_dict().values()))
-rep["all_ok"] = bool(res.ok.all())
-rep["steps"] = int(res.num_steps.sum())
-rep["self_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-if spec.get("hash"):  # the result's bits (only where memory is not measured: it reads theta)
-    import hashlib
-    import numpy as np
-    h = hashlib.sha1(np.ascontiguousarray(res.theta))
-    h.update(np.ascontiguousarray(res.num_steps))
-    rep["sha1"] = h.hexdigest()
-try:  # the kernel's high-water mark of this process's memory (a cross-check)
-    status = open("/proc/self/status").read().split("VmHWM:")[1]
-    rep["vmhwm_kb"] = int(status.split()[0])
-except (OSError, IndexError, ValueError):
-    rep["vmhwm_kb"] = None
-print("CHILD " + json.dumps(rep), flush=True)
-"""
-
-# runs one command and prints its output and then its peak RSS: a small process, so the
-# command does not inherit the bench's high-water mark
-_LAUNCH = r"""
-import resource, subprocess, sys
-p = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-print(p.stdout, end="")
-print("RUSAGE", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True)
-sys.exit(p.returncode)
-"""
-
-
-def _scipy_solve(X, y, u0, method="DOP853"):
-    """One plain `solve_ivp` (no jacobian) with the gtol stop as a terminal event."""
-    def rhs(t, f):
-        u = f.reshape(DEPTH, DIM)
-        g = 2 * X.T @ (X @ np.prod(u, 0) - y)
-        du = np.stack([-np.prod(np.delete(u, j, 0), 0) * g for j in range(DEPTH)])
-        return du.ravel()
-
-    def event(t, f):
-        u = f.reshape(DEPTH, DIM)
-        return np.max(np.abs(2 * X.T @ (X @ np.prod(u, 0) - y))) - GTOL
-
-    event.terminal = True
-    sol = solve_ivp(rhs, (0, T1), np.asarray(u0).ravel(), method=method, rtol=RTOL, atol=ATOL,
-                    events=event)
-    return sol
-
-
-def _scipy_loop(X, y, u0s, method) -> dict:
-    """Seconds per trajectory of a loop of `_scipy_solve` over `u0s`."""
-    X, y = np.asarray(X), np.asarray(y)
-    t = time.perf_counter()
-    sols = [_scipy_solve(X, y, u0, method) for u0 in np.asarray(u0s)]
-    per = (time.perf_counter() - t) / len(sols)
-    return {"n": len(sols), "s_per_traj": per, "traj_per_s": 1 / per,
-            "event_stops": sum(s.status == 1 for s in sols),
-            "t_end": [float(s.t[-1]) for s in sols],
-            "nfev_mean": float(np.mean([s.nfev for s in sols]))}
-
-
-@contextmanager
-def _counting_compiles():
-    """Backend compiles counted from jax.monitoring while the block runs: a dict {"n": count,
-    "s": seconds} (read it with `_compiles`)."""
-    compiled = {"n": 0, "s": 0.0}
-
-    def on_duration(event, duration, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiled["n"] += 1
-            compiled["s"] += duration
-
-    jax.monitoring.register_event_duration_secs_listener(on_duration)
-    try:
-        yield compiled
-    finally:
-        jax.monitoring.unregister_event_duration_listener(on_duration)
-
-
-@contextmanager
-def _compiles(counter):
-    """Backend compiles (count, seconds) during the block, from jax.monitoring."""
-    n0, s0 = counter["n"], counter["s"]
-    got = {}
-    yield got
-    got["n"], got["s"] = counter["n"] - n0, counter["s"] - s0
-
-
-def _run_child(spec: dict, env: dict | None = None) -> dict:
-    """Run `_CHILD` with `spec` under `_LAUNCH` (with `env` added to the environment); the
-    child's peak RSS is the launcher's RUSAGE_CHILDREN ru_maxrss (it has one child). Not from
-    this process: a child exec'd from a process inherits its high-water mark (ru_maxrss would
-    be this process's RSS at least)."""
-    cmd = [sys.executable, "-c", _LAUNCH, sys.executable, "-c", _CHILD, json.dumps(spec)]
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                       env=None if env is None else {**os.environ, **env})
-    line = [s for s in p.stdout.splitlines() if s.startswith("CHILD ")]
-    usage = [s for s in p.stdout.splitlines() if s.startswith("RUSAGE ")]
-    if p.returncode or not line or not usage:
-        raise RuntimeError(f"memory child failed ({p.returncode}):\n{p.stdout[-3000:]}")
-    rep = json.loads(line[-1][6:])
-    rep["peak_rss_kb"] = int(usage[-1].split()[1])  # kilobytes on Linux
-    return rep
-
-
-def _x(r: float) -> str:
-    """A ratio with two significant digits or more."""
-    return f"{r:.0f}x" if r >= 10 else f"{r:.1f}x" if r >= 1 else f"{r:.2f}x"
-
-
-def _counters(info: dict, seconds: float) -> dict:
-    c = {k: info.get(k) for k in COUNTERS}
-    c["host_syncs_per_s"] = None if c["host_syncs"] is None else c["host_syncs"] / seconds
-    c["bytes_per_retirement"] = (c["bytes_to_host"] / c["retirements"]
-                                 if c["bytes_to_host"] is not None and c["retirements"] else None)
-    return c
 
 
 def main(*, quick: bool = True, out="results/bench", solver: str | None = None) -> dict:
@@ -476,67 +343,12 @@ def main(*, quick: bool = True, out="results/bench", solver: str | None = None) 
               f"{_x(row['sweep_vs_vmap'])}", flush=True)
     sections["problems"] = time.perf_counter() - t_sec
 
-    # --- JAX's persistent compilation cache: a new process, cold then warm ------------------
+    # --- JAX's persistent compilation cache and peak host memory, in child processes ------
     t_sec = time.perf_counter()
-    cache_B = 256 if quick else 1024
-    spec = dict(B=cache_B, T=ts.shape[0], n=N, dim=DIM, depth=DEPTH, t1=T1, rtol=RTOL,
-                atol=ATOL, gtol=GTOL, out=None, budget=None, load=False, hash=True)
-    with tempfile.TemporaryDirectory(prefix="ddln_cache_") as tmp:
-        env = {"JAX_COMPILATION_CACHE_DIR": tmp,
-               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-        runs = {"none": _run_child(spec), "cold": _run_child(spec, env),
-                "warm": _run_child(spec, env)}
-    same = len({r["sha1"] for r in runs.values()}) == 1
-    report["compile_cache"] = {"B": cache_B, "same_bits": same,
-                               **{k: r["wall_s"] for k, r in runs.items()}}
-    print(f"persistent compilation cache (JAX_COMPILATION_CACHE_DIR, min compile time 0), "
-          f"B={cache_B}, a dd.sweep call in a new process: no cache {runs['none']['wall_s']:.1f}"
-          f" s, cold cache {runs['cold']['wall_s']:.1f} s, warm cache (a second process) "
-          f"{runs['warm']['wall_s']:.1f} s; same bits {same}", flush=True)
+    report["compile_cache"] = compile_cache(ts.shape[0], quick)
     sections["compile_cache"] = time.perf_counter() - t_sec
-
-    # --- peak host memory, in child processes ----------------------------------------------
     t_sec = time.perf_counter()
-    mem_B = 512 if quick else 2048
-    base = dict(B=mem_B, T=MEM_T, n=N, dim=DIM, depth=DEPTH, t1=T1, rtol=RTOL, atol=ATOL,
-                gtol=GTOL, out=None, budget=None, load=False)
-    print(f"memory: B={mem_B}{' (quick; --full: 2048)' if quick else ''} x T={MEM_T} saves x dim "
-          f"{DIM}, peak RSS of each process (ru_maxrss)", flush=True)
-    mem = report["memory"] = {"B": mem_B, "T": MEM_T, "rows": []}
-    with tempfile.TemporaryDirectory(prefix="ddln_bench_") as tmp:
-        b0 = _run_child(dict(base, B=1))
-        mem["baseline"] = b0
-        print(f"  baseline (imports + 1-trajectory sweep): peak RSS "
-              f"{b0['peak_rss_kb'] / 1024:.0f} MB (after imports {b0['import_rss_kb'] / 1024:.0f}"
-              f" MB)", flush=True)
-        runs = [("in memory", None, None), ("out=", "out", None),
-                ("in memory", None, 2**24), ("out=", "out2", 2**24)]
-        for label, folder, budget in runs:
-            r = _run_child(dict(base, out=None if folder is None else str(Path(tmp) / folder),
-                                budget=budget))
-            r.update(label=label, budget=budget)
-            mem["rows"].append(r)
-            extra = (r["peak_rss_kb"] - b0["peak_rss_kb"]) * 1024
-            print(f"  {label:9s} memory_budget={'default' if budget is None else '2**24':7s}: "
-                  f"peak RSS {r['peak_rss_kb'] / 1024:.0f} MB (+{extra / 2**20:.0f} MB over "
-                  f"baseline = {extra / r['result_bytes']:.1f}x the result), result "
-                  f"{r['result_bytes'] / 2**20:.0f} MB (theta {r['theta_bytes'] / 2**20:.0f} MB), "
-                  f"{r['wall_s']:.0f} s, ok {r['all_ok']}", flush=True)
-        ref = _run_child(dict(base, B=MEM_REF_B))
-        mem["reference"] = ref
-        per = ((mem["rows"][0]["peak_rss_kb"] - ref["peak_rss_kb"]) * 1024
-               / (mem["rows"][0]["result_bytes"] - ref["result_bytes"]))
-        mem["marginal"] = per
-        print(f"  B={MEM_REF_B} (the same compiled programs): peak RSS "
-              f"{ref['peak_rss_kb'] / 1024:.0f} MB, result {ref['result_bytes'] / 2**20:.0f} MB; "
-              f"each further trajectory in memory costs {per:.2f}x its result's bytes "
-              f"(B={mem_B} against B={MEM_REF_B}, default budget)", flush=True)
-        r = _run_child(dict(base, out=str(Path(tmp) / "out"), load=True))
-        mem["load_sweep"] = r
-        extra = (r["peak_rss_kb"] - b0["import_rss_kb"]) * 1024
-        print(f"  dd.load_sweep(out): {r['wall_s']:.1f} s, peak RSS {r['peak_rss_kb'] / 1024:.0f}"
-              f" MB (+{extra / 2**20:.0f} MB over the baseline's imports = "
-              f"{extra / r['result_bytes']:.1f}x the result)", flush=True)
+    report["memory"] = memory(quick)
     sections["memory"] = time.perf_counter() - t_sec
 
     report["total_s"] = time.perf_counter() - start

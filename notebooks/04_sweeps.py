@@ -88,8 +88,8 @@ print("loaded from the folder:",
 # call. Raise `max_slots` and `memory_budget` to fill a large card (thousands of slots at
 # once). Several GPUs or hosts: start one process per GPU, each running the same sweep with
 # the same `out` on a shared filesystem; they share the grid's chunks through lease files in
-# `out` (nothing computed twice, a dead process's chunks taken over) — see the README's
-# "Several GPUs and several hosts". The command-line version with a phase diagram:
+# `out` (nothing computed twice, a dead process's chunks taken over) — see "Several GPUs and
+# several hosts" in the sweeps guide (`docs/guides/sweeps.md`). The command-line version with a phase diagram:
 #
 # ```
 # python -m experiments.sweep --full --seeds 256 --out results/sweep

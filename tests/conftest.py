@@ -43,3 +43,16 @@ def _free_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture(scope="session")
+def shared_tmp_path(tmp_path_factory):
+    """A folder shared by every test process of this run (pytest-xdist's workers each have
+    their own basetemp, side by side): what one process builds once (the docs site, executed
+    notebooks), the others reuse."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    path = base / "shared"
+    path.mkdir(exist_ok=True)
+    return path
