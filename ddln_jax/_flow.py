@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._solve import diffeq, layer_vector_field, prepare_inputs, resolve_solver, warn_if_stationary
-from ._trajectory import Trajectory, make_trajectory, warn_if_failed
+from ._trajectory import Trajectory, make_trajectory, warn_if_failed, warn_if_unreached
 from ._validate import check_gtol, check_times, check_tolerances, is_traced
 
 DEFAULT_MAX_STEPS = 2**20
@@ -102,5 +102,6 @@ def gradient_flow(
         layers0, problem, t0, t1, ts, resolve_solver(solver), jnp.asarray(rtol),
         jnp.asarray(atol), max_steps, parameterization, gtol,
     )
-    warn_if_failed(traj)
+    warn_if_failed(traj, rtol=rtol)
+    warn_if_unreached(traj, gtol)
     return traj
