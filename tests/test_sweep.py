@@ -75,8 +75,8 @@ def test_problem_per_seed():
         k = jr.fold_in(jr.key(7), seed)
         return dd.LeastSquares(jr.normal(k, (6, 3)), jr.normal(jr.fold_in(k, 1), (6,)))
 
-    res = dd.sweep(make, depths=[2, 3], scales=[1.0], seeds=[3, 4], t1=5.0, ts=TS[:6],
-                   progress=False, key=jr.key(0))
+    res = dd.sweep(dd.per_seed(make), depths=[2, 3], scales=[1.0], seeds=[3, 4], t1=5.0,
+                   ts=TS[:6], progress=False, key=jr.key(0))
     for b in range(4):
         single = dd.gradient_flow(res.initial_layers(b), make(int(res.seed[b])), t1=5.0,
                                   ts=TS[:6])

@@ -200,18 +200,22 @@ def resolve_problem(problem, dim, seeds):
         raise TypeError("`sweep` needs the number of coordinates of theta: pass `dim=` (the "
                         "problem has no design matrix `X` to read it from).")
     dim = int(pdim if dim is None else dim)
-    check_scalar_loss(sample, dim)
+    if batched:
+        seed0 = jnp.asarray(seeds[0])
+        check_scalar_loss(lambda th: problem.fn(seed0).loss(th), dim, False)
+    else:
+        check_scalar_loss(fixed.loss, dim, isinstance(fixed, FunctionLoss))
     return (problem.fn if batched else fixed), batched, sample, dim
 
 
-def check_scalar_loss(problem, dim: int) -> None:
-    """`problem.loss` maps a `(dim,)` theta to a scalar (traced only: nothing runs)."""
+def check_scalar_loss(loss, dim: int, plain: bool) -> None:
+    """`loss` maps a `(dim,)` theta to a scalar (traced only: nothing runs). `plain`: a
+    plain callable given as `problem` (it may be a seed -> problem function)."""
     theta = jax.ShapeDtypeStruct((dim,), jnp.result_type(float))
     try:
-        out = jax.eval_shape(problem.loss, theta)
+        out = jax.eval_shape(loss, theta)
     except Exception as e:
-        hint = ("; a function seed -> problem must be wrapped: `dd.per_seed(fn)`"
-                if isinstance(problem, FunctionLoss) else "")
+        hint = "; a function seed -> problem must be wrapped: `dd.per_seed(fn)`" if plain else ""
         raise TypeError(f"`problem` failed on a theta of shape ({dim},): {e}{hint}") from e
     shape = getattr(out, "shape", None)
     if shape != ():
