@@ -55,7 +55,8 @@ from scipy.integrate import solve_ivp
 
 import ddln_jax as dd
 
-from ._common import parser, save_json
+from ._cli import bench_parser
+from ._common import save_json
 
 FULL_ESTIMATE = "29.5 min measured, with other jobs running,"
 DEPTH, DIM, N, T1, RTOL, ATOL, GTOL = 6, 8, 10, 50.0, 1e-8, 1e-10, 1e-7
@@ -548,9 +549,5 @@ def main(*, quick: bool = True, out="results/bench", solver: str | None = None) 
 
 
 if __name__ == "__main__":
-    cli = parser(__doc__, "bench", FULL_ESTIMATE, "results/bench")
-    cli.add_argument("--solver", default=None, metavar="NAME",
-                     help="also run the B rows with dd.sweep(..., solver=NAME); without it "
-                          "only the fused fast path runs")
-    args = cli.parse_args()
+    args = bench_parser(__doc__, FULL_ESTIMATE).parse_args()
     main(quick=not args.full, out=args.out, solver=args.solver)
