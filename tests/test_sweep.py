@@ -423,6 +423,33 @@ def test_chunk_rows_in_chunk_order_whatever_the_arrivals():
         assert part["num_steps"].dtype == (np.int64 if wide else np.int32)
 
 
+def test_failed_chunk_write_leaves_the_books_intact():
+    # `out` deleted during a run: writing a completed chunk fails; the error is that one
+    # (FileNotFoundError), and the save of the held rows that follows finds its books intact
+    # (it raised `KeyError: <chunk>` from the error handler, hiding the cause)
+    from ddln_jax._sweep._scheduler import Book
+    from ddln_jax._sweep._store import Store
+
+    class Gone(Store):
+        def write_chunk(self, c, arrays, partial=False):
+            raise FileNotFoundError(f"chunk {c}: folder deleted")
+
+    store = Gone(None, "test", 60.0)
+    book = Book(store, np.arange(4), 2, lambda c, raw, partial: dict(raw))
+    for c in (0, 1):
+        assert store.claim(c)
+        book.open(c)
+    gids = np.array([0, 1])
+    raw = dict(index=gids, theta=np.zeros((2, 3, 2)), num_steps=gids, ok=gids > 0,
+               result=gids, t_final=gids / 2.0, implicit=gids > 5)
+    book.spend(7, 9)
+    with pytest.raises(FileNotFoundError, match="folder deleted"):
+        book.add(raw)  # completes chunk 0
+    assert 0 in book.rows and 0 in book.carried and list(book.spent) == [7, 9]
+    with pytest.raises(FileNotFoundError, match="folder deleted"):
+        book.save_partial()
+
+
 def test_interrupt_saves_at_once_and_again_with_later_rows():
     # Ctrl-C: the rows finished so far are saved before the threads end (`keep`: the chunks
     # stay held); rows the threads finish meanwhile still go to their chunks (a chunk
