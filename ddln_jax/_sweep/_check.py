@@ -32,8 +32,9 @@ class per_seed:  # noqa: N801 - used as a function: `dd.per_seed(fn)`
         if isinstance(fn, per_seed):
             fn = fn.fn
         if not callable(fn):
-            raise TypeError(f"`dd.per_seed` needs a function seed -> problem, got "
-                            f"{type(fn).__name__}.")
+            raise TypeError(
+                f"`dd.per_seed` needs a function seed -> problem, got {type(fn).__name__}."
+            )
         self.fn = fn
 
     def __call__(self, seed):
@@ -52,12 +53,15 @@ def _integer_value(name: str, v) -> int:
     if isinstance(v, (bool, np.bool_)) or is_traced(v):
         raise TypeError(f"`{name}` must hold integers, got {v!r}.")
     a = np.asarray(v)
-    if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer)
-                               or np.issubdtype(a.dtype, np.floating)):
+    if a.dtype == bool or not (
+        np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)
+    ):
         raise TypeError(f"`{name}` must hold integers, got {v!r}.")
     if np.issubdtype(a.dtype, np.floating) and not (np.isfinite(a) and float(a).is_integer()):
-        raise ValueError(f"`{name}` must hold integers, got {float(a)!r} (not an integer: "
-                         "it is not rounded for you).")
+        raise ValueError(
+            f"`{name}` must hold integers, got {float(a)!r} (not an integer: "
+            "it is not rounded for you)."
+        )
     return int(a)
 
 
@@ -79,8 +83,10 @@ def _no_duplicates(name: str, values: list) -> None:
             twice.append(v)
         seen.add(v)
     if twice:
-        raise ValueError(f"`{name}` lists {twice} more than once: each grid point would be "
-                         "computed twice (the same result). Pass each value once.")
+        raise ValueError(
+            f"`{name}` lists {twice} more than once: each grid point would be "
+            "computed twice (the same result). Pass each value once."
+        )
 
 
 def check_seeds(seeds) -> list[int]:
@@ -88,8 +94,9 @@ def check_seeds(seeds) -> list[int]:
     if np.ndim(seeds) == 0 and not isinstance(seeds, (str, bytes, range)) and seeds is not None:
         n = _integer_value("seeds", seeds)
         if n < 1:
-            raise ValueError(f"`seeds` as a number is a number of seeds (range(seeds)): must "
-                             f"be >= 1, got {n}.")
+            raise ValueError(
+                f"`seeds` as a number is a number of seeds (range(seeds)): must be >= 1, got {n}."
+            )
         return list(range(n))
     out = [_integer_value("seeds", s) for s in _values("seeds", seeds)]
     _no_duplicates("seeds", out)
@@ -123,7 +130,10 @@ def check_grid(depths, scales, seeds):
         warnings.warn(
             "sweep: `scales` contains 0: those grid points start from all-zero layers, a "
             "stationary point of the flow (the gradient with respect to the layers is 0 for "
-            "depth >= 2): they stay there. Use scales > 0.", RuntimeWarning, stacklevel=3)
+            "depth >= 2): they stay there. Use scales > 0.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return depths, scales, seeds
 
 
@@ -142,16 +152,21 @@ def check_out(out) -> Path | None:
         return None
     path = Path(out)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"`out`={str(out)!r} is an existing file: `out` is a folder for the "
-                         "sweep's files. Pass a folder (new or of this sweep).")
+        raise ValueError(
+            f"`out`={str(out)!r} is an existing file: `out` is a folder for the "
+            "sweep's files. Pass a folder (new or of this sweep)."
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ValueError(f"`out`={str(out)!r} cannot be created ({e.strerror or e}): pass a "
-                         "folder where this process may write.") from e
+        raise ValueError(
+            f"`out`={str(out)!r} cannot be created ({e.strerror or e}): pass a "
+            "folder where this process may write."
+        ) from e
     if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"`out`={str(out)!r} is not writable by this process: pass a folder "
-                         "where it may write.")
+        raise ValueError(
+            f"`out`={str(out)!r} is not writable by this process: pass a folder where it may write."
+        )
     return path
 
 
@@ -173,8 +188,10 @@ def resolve_problem(problem, dim, seeds):
         except Exception as e:
             raise TypeError(f"`problem` = dd.per_seed(fn): calling fn(seed) failed ({e}).") from e
         if not _is_problem(sample):
-            raise TypeError(f"`problem` = dd.per_seed(fn): fn(seed) must return a problem "
-                            f"(e.g. `dd.LeastSquares(X, y)`), got {type(sample).__name__}.")
+            raise TypeError(
+                f"`problem` = dd.per_seed(fn): fn(seed) must return a problem "
+                f"(e.g. `dd.LeastSquares(X, y)`), got {type(sample).__name__}."
+            )
         batched, fixed = True, None
     elif _is_problem(problem):
         batched, fixed, sample = False, problem, problem
@@ -183,22 +200,29 @@ def resolve_problem(problem, dim, seeds):
             raise TypeError(
                 "`problem` is a plain callable: `sweep` takes it as a loss theta -> scalar, "
                 "which needs `dim=` (the number of coordinates of theta). If it is a function "
-                "seed -> problem, wrap it: `dd.sweep(dd.per_seed(fn), ...)`.")
+                "seed -> problem, wrap it: `dd.sweep(dd.per_seed(fn), ...)`."
+            )
         fixed = sample = FunctionLoss(problem)
         batched = False
     else:
-        raise TypeError("`problem` must be a problem object (e.g. `dd.LeastSquares(X, y)`), a "
-                        "loss theta -> scalar (with `dim=`), or `dd.per_seed(fn)` for a "
-                        f"function seed -> problem; got {type(problem).__name__}.")
+        raise TypeError(
+            "`problem` must be a problem object (e.g. `dd.LeastSquares(X, y)`), a "
+            "loss theta -> scalar (with `dim=`), or `dd.per_seed(fn)` for a "
+            f"function seed -> problem; got {type(problem).__name__}."
+        )
     pdim = getattr(sample, "dim", None)
     if dim is not None:
         dim = check_int("dim", dim)
         if pdim is not None and pdim != dim:
-            raise ValueError(f"`dim`={dim} but the problem's `X` has {pdim} columns: drop `dim` "
-                             "or make them match.")
+            raise ValueError(
+                f"`dim`={dim} but the problem's `X` has {pdim} columns: drop `dim` "
+                "or make them match."
+            )
     elif pdim is None:
-        raise TypeError("`sweep` needs the number of coordinates of theta: pass `dim=` (the "
-                        "problem has no design matrix `X` to read it from).")
+        raise TypeError(
+            "`sweep` needs the number of coordinates of theta: pass `dim=` (the "
+            "problem has no design matrix `X` to read it from)."
+        )
     dim = int(pdim if dim is None else dim)
     if batched:
         seed0 = jnp.asarray(seeds[0])
@@ -219,7 +243,10 @@ def check_scalar_loss(loss, dim: int, plain: bool) -> None:
         raise TypeError(f"`problem` failed on a theta of shape ({dim},): {e}{hint}") from e
     shape = getattr(out, "shape", None)
     if shape != ():
-        what = (f"shape {shape}" if shape is not None else type(out).__name__)
-        hint = (" (a function seed -> problem? wrap it: `dd.per_seed(fn)`)"
-                if _is_problem(out) else ": reduce it, e.g. with `jnp.sum`")
+        what = f"shape {shape}" if shape is not None else type(out).__name__
+        hint = (
+            " (a function seed -> problem? wrap it: `dd.per_seed(fn)`)"
+            if _is_problem(out)
+            else ": reduce it, e.g. with `jnp.sum`"
+        )
         raise TypeError(f"`problem` must return a scalar loss, got {what}{hint}.")
