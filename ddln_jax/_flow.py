@@ -11,7 +11,9 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ._network import theta as product_theta
 from ._solve import diffeq, layer_vector_field, prepare_inputs, resolve_solver, warn_if_stationary
+from ._structured import structured_kvaerno5
 from ._trajectory import Trajectory, make_trajectory, warn_if_failed, warn_if_unreached
 from ._validate import check_gtol, check_times, check_tolerances, is_traced
 
@@ -99,7 +101,9 @@ def gradient_flow(
     gtol = check_gtol(stop_when_converged)
     warn_if_stationary(layers0, problem, parameterization, "gradient_flow")
     traj = _solve_layers(
-        layers0, problem, t0, t1, ts, resolve_solver(solver), jnp.asarray(rtol),
+        layers0, problem, t0, t1, ts,
+        structured_kvaerno5(resolve_solver(solver), parameterization, product_theta),
+        jnp.asarray(rtol),
         jnp.asarray(atol), max_steps, parameterization, gtol,
     )
     warn_if_failed(traj, rtol=rtol)
