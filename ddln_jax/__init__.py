@@ -33,6 +33,12 @@ from ._loss import Exponential as Exponential
 from ._loss import FunctionLoss as FunctionLoss
 from ._loss import LeastSquares as LeastSquares
 from ._loss import Logistic as Logistic
+from ._margin import MarginPath as MarginPath
+from ._margin import MaxMargin as MaxMargin
+from ._margin import kkt_residual as kkt_residual
+from ._margin import margin as margin
+from ._margin import margin_along as margin_along
+from ._margin import max_margin as max_margin
 from ._mirror import AbstractMirrorMap as AbstractMirrorMap
 from ._mirror import MirrorMap as MirrorMap
 from ._mirror import ShallowMirrorMap as ShallowMirrorMap

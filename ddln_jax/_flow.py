@@ -8,14 +8,29 @@ alongside (xi' = -grad L, xi(0) = 0).
 from collections.abc import Callable
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ._network import theta as product_theta
-from ._solve import diffeq, layer_vector_field, prepare_inputs, resolve_solver, warn_if_stationary
+from ._solve import (
+    diffeq,
+    layer_vector_field,
+    log_time_vector_field,
+    prepare_inputs,
+    resolve_solver,
+    warn_if_stationary,
+)
 from ._structured import structured_kvaerno5
-from ._trajectory import Trajectory, make_trajectory, warn_if_failed, warn_if_unreached
-from ._validate import check_gtol, check_times, check_tolerances, is_traced
+from ._trajectory import (
+    RESULTS,
+    Trajectory,
+    make_trajectory,
+    result_code,
+    warn_if_failed,
+    warn_if_unreached,
+)
+from ._validate import check_gtol, check_positive, check_times, check_tolerances, is_traced
 
 DEFAULT_MAX_STEPS = 2**20
 
@@ -43,15 +58,47 @@ def log_times(t1, num: int = 200, t_min=None, t0: float = 0.0) -> Float[Array, "
 
 @eqx.filter_jit
 def _solve_layers(
-    layers0, problem, t0, t1, ts, solver, rtol, atol, max_steps, parameterization, gtol
+    layers0, problem, t0, t1, ts, solver, rtol, atol, max_steps, parameterization, gtol,
+    log_stop=None, log_time=False,
 ):
-    vf = layer_vector_field(parameterization)
+    vf = (log_time_vector_field if log_time else layer_vector_field)(parameterization)
     y0 = (layers0, jnp.zeros_like(parameterization(layers0)))
-    out = diffeq(
+    stop_when = None
+    if log_stop is not None:
+
+        def stop_when(t, y, args, **kwargs):
+            return _log_loss(args, parameterization(y[0])) <= log_stop
+
+    ys, result, num_steps, ok, t_final = diffeq(
         vf, y0, problem, t0=t0, t1=t1, ts=ts, solver=solver, rtol=rtol, atol=atol,
-        max_steps=max_steps, gtol=gtol,
+        max_steps=max_steps, gtol=gtol, stop_when=stop_when,
     )
-    return make_trajectory(ts, *out, layers0, problem, parameterization)
+    if log_stop is not None:
+        # the loss stop was asked for: reaching t1 above it is not a success
+        last = jax.tree_util.tree_map(lambda y: y[-1], ys[0])
+        missed = ok & (_log_loss(problem, parameterization(last)) > log_stop)
+        result = jnp.where(missed, result_code(RESULTS.stop_not_reached), result)
+        ok = ok & ~missed
+    return make_trajectory(ts, ys, result, num_steps, ok, t_final, layers0, problem,
+                           parameterization)
+
+
+def _log_loss(problem, th):
+    log_loss = getattr(problem, "log_loss", None)
+    return log_loss(th) if log_loss is not None else jnp.log(problem.loss(th))
+
+
+def _check_stop_at_loss(stop_at_loss):
+    if stop_at_loss is None:
+        return None
+    check_positive("stop_at_loss", stop_at_loss)
+    return jnp.log(jnp.asarray(stop_at_loss, dtype=jnp.result_type(float)))
+
+
+def _check_time(time):
+    if time not in ("linear", "log"):
+        raise ValueError(f"`time` must be 'linear' or 'log', got {time!r}.")
+    return time == "log"
 
 
 def gradient_flow(
@@ -67,6 +114,8 @@ def gradient_flow(
     max_steps: int = DEFAULT_MAX_STEPS,
     parameterization: Callable | None = None,
     stop_when_converged=None,
+    stop_at_loss=None,
+    time: str = "linear",
 ) -> Trajectory:
     """Gradient flow on the layers, du^j/dt = -(prod_{k != j} u^k) ⊙ grad L(theta) (eq 2-3).
 
@@ -86,7 +135,20 @@ def gradient_flow(
     - `stop_when_converged`: a gradient tolerance `gtol`; stop once ||grad L||_inf <= gtol
         (converged flows of large initializations are stiff and would otherwise cost
         T * lambda_max / 3.3 explicit steps). Later save times hold the final state and
-        `traj.t_final` says when the solve stopped.
+        `traj.t_final` says when the solve stopped. This is a steady-state stop, *not* a
+        stop on the loss reached: for a classification loss the gradient tends to 0 with
+        the loss (use `stop_at_loss`).
+    - `stop_at_loss`: a loss level eps > 0; stop once L(theta) <= eps (compared as
+        log L <= log eps, with the losses' stable `log_loss` where they have one). The
+        stop for losses that only tend to 0 (`dd.Logistic`, `dd.Exponential` on separable
+        data). A run that reaches `t1` above eps has `ok = False` and result
+        `dd.Result.stop_not_reached`; a run that met it has `event_occurred`.
+    - `time`: `"linear"` (default) or `"log"`. With `"log"` the solver's variable is
+        tau = log(1 + t): `t0`, `t1`, `ts` (and `traj.ts`, `traj.t_final`) are values of
+        tau, and e^tau grad L is computed without overflow or underflow. Long
+        classification flows need it: the loss ~ 1/t, so a loss of 1e-300 is t ~ 1e300
+        (tau ~ 690) and tau = 10^4 reaches losses of ~e^{-10^4}, which `traj.loss`
+        stores as 0 (use `dd.margin_along(traj, ...).log_loss`).
 
     **Returns:** a `Trajectory`. Jit- and vmap-compatible; numeric arguments are passed as
     arrays, so new values do not recompile.
@@ -99,13 +161,19 @@ def gradient_flow(
     t0, t1, ts = check_times(t0, t1, ts)
     check_tolerances(rtol, atol, max_steps)
     gtol = check_gtol(stop_when_converged)
+    log_stop, log_time = _check_stop_at_loss(stop_at_loss), _check_time(time)
     warn_if_stationary(layers0, problem, parameterization, "gradient_flow")
     traj = _solve_layers(
         layers0, problem, t0, t1, ts,
-        structured_kvaerno5(resolve_solver(solver), parameterization, product_theta),
-        jnp.asarray(rtol),
-        jnp.asarray(atol), max_steps, parameterization, gtol,
+        # (the structured Newton solve is the linear-time field's)
+        resolve_solver(solver) if log_time else structured_kvaerno5(
+            resolve_solver(solver), parameterization, product_theta),
+        jnp.asarray(rtol), jnp.asarray(atol), max_steps, parameterization, gtol, log_stop,
+        log_time,
     )
-    warn_if_failed(traj, rtol=rtol)
+    warn_if_failed(traj, hint=None if log_stop is None else (
+        "A run that ended above `stop_at_loss` needs a larger `t1` (with `time='log'`, t1 "
+        "is log(1 + t): t1 = 700 is t ~ 1e304); otherwise increase `max_steps` or use "
+        "`solver='kvaerno5'`."), rtol=rtol)
     warn_if_unreached(traj, gtol)
     return traj

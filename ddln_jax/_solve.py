@@ -9,7 +9,7 @@ import diffrax as dfx
 import jax
 import jax.numpy as jnp
 
-from ._loss import FunctionLoss, as_problem
+from ._loss import FunctionLoss, as_problem, scaled_gradient
 from ._network import theta as product_theta
 from ._trajectory import RESULTS, result_code
 from ._validate import as_float_array, check_finite, check_layers, is_traced
@@ -73,6 +73,7 @@ def diffeq(
     gtol=None,
     controller=None,
     stop_on=None,
+    stop_when=None,
 ):
     """`diffrax.diffeqsolve` with the library's defaults: adaptive PID step sizes, our own
     `dt0`, save at `ts`, `throw=False` (failures are result codes, per trajectory).
@@ -80,7 +81,8 @@ def diffeq(
     With `gtol`, the solve stops once ||xi'||_inf = ||grad L||_inf <= gtol (a steady state;
     xi' is the last component of the state) — or, with `stop_on`, once every leaf of
     `stop_on(derivative)` is <= gtol in absolute value — and the save times after the stop
-    are filled with the final state. Returns `(ys, result, num_steps, ok, t_final)`.
+    are filled with the final state. `stop_when(t, y, args) -> bool` is one more stop of
+    the same kind (e.g. the loss reached). Returns `(ys, result, num_steps, ok, t_final)`.
     """
     if controller is None:
         controller = dfx.PIDController(rtol=rtol, atol=atol)
@@ -94,7 +96,9 @@ def diffeq(
             leaves = jax.tree_util.tree_leaves(watched(vector_field(t, y, args)))
             return jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in leaves])) <= gtol
 
-        event = dfx.Event(cond_fn)
+        event = dfx.Event(cond_fn if stop_when is None else (cond_fn, stop_when))
+    elif stop_when is not None:
+        event = dfx.Event(stop_when)
     sol = dfx.diffeqsolve(
         dfx.ODETerm(vector_field),
         solver,
@@ -132,6 +136,21 @@ def layer_vector_field(parameterization: Callable):
         layers, _ = y
         th, pullback = jax.vjp(parameterization, layers)
         g = jax.grad(problem.loss)(th)
+        (du,) = pullback(g)
+        return jax.tree_util.tree_map(jnp.negative, du), -g
+
+    return vector_field
+
+
+def log_time_vector_field(parameterization: Callable):
+    """The layer flow in log time tau = log(1 + t): dy/dtau = (1 + t) dy/dt = e^tau dy/dt,
+    with e^tau grad L computed as exp(tau + log L) grad log L where the loss has a
+    `log_loss` (no overflow of e^tau, no underflow of L: tau ~ log(1/L) ~ 10^4 is fine)."""
+
+    def vector_field(tau, y, problem):
+        layers, _ = y
+        th, pullback = jax.vjp(parameterization, layers)
+        g = scaled_gradient(problem, th, tau)
         (du,) = pullback(g)
         return jax.tree_util.tree_map(jnp.negative, du), -g
 

@@ -1,8 +1,8 @@
 """`Trajectory`, the result of every flow and of `train`, and the one result enumeration.
 
-`RESULTS` is diffrax's enumeration extended with `diverged`; `Result` gives its items as plain
-integers (the codes stored in `Trajectory.result`, in sweep results and in saved files), and
-`result_message` turns a code into words.
+`RESULTS` is diffrax's enumeration extended with `diverged` and `stop_not_reached`; `Result`
+gives its items as plain integers (the codes stored in `Trajectory.result`, in sweep results
+and in saved files), and `result_message` turns a code into words.
 """
 
 import enum
@@ -24,22 +24,30 @@ class RESULTS(dfx.RESULTS):
         "The state or the loss became non-finite (for `train`: or the loss exceeded `blowup` "
         "times its initial value)."
     )
+    stop_not_reached = (
+        "The run reached `t1` before the requested stop (`stop_at_loss`): the loss is still "
+        "above it."
+    )
 
 
-# The library's own table of result codes: diffrax's results (in diffrax 0.7's order) and
-# `diverged`. Codes are ours, so saved files keep their meaning whatever a diffrax release
-# does to its enumeration's internals; `result_code` maps an item to its code with the
+# The library's own table of result codes: diffrax's results (in diffrax 0.7's order),
+# `diverged` and `stop_not_reached` (appended: earlier codes keep their values). Codes are
+# ours, so saved files keep their meaning whatever a diffrax release does to its
+# enumeration's internals; `result_code` maps an item to its code with the
 # enumeration's public `==`. tests/test_trajectory.py checks the table against diffrax's
 # messages and size.
 _NAMES = (
     "successful", "max_steps_reached", "singular", "breakdown", "stagnation", "conlim",
     "nonfinite_input", "nonlinear_max_steps_reached", "nonlinear_divergence", "nonfinite",
     "dt_min_reached", "event_occurred", "max_steps_rejected", "internal_error", "diverged",
+    "stop_not_reached",
 )
 
 # Every code the library reports, as integers: `traj.result == dd.Result.successful`.
 Result = enum.IntEnum("Result", {name: i for i, name in enumerate(_NAMES)})
-Result.__doc__ = "The integer codes of `RESULTS` (diffrax's results and `diverged`)."
+Result.__doc__ = (
+    "The integer codes of `RESULTS` (diffrax's results, `diverged`, `stop_not_reached`)."
+)
 
 # a code for an item this table lacks (a result added by a later diffrax): never success
 _UNKNOWN = -1

@@ -174,7 +174,7 @@ def module_parser(name: str, doc: str, consts: dict) -> argparse.ArgumentParser 
         return device_bench_parser(doc)
     if name == "paper":
         return parser(doc, "paper", PAPER_ESTIMATE, "results")
-    if name in QUICK_SECONDS:
+    if name in QUICK_SECONDS or consts.get("_uses_cli"):
         return parser(doc, name, estimate, f"results/{name}")
     return None
 
@@ -208,6 +208,10 @@ def _source_facts(path: Path) -> tuple[str, dict]:
                 consts[node.targets[0].id] = _literal(node.value)
             except ValueError:
                 pass
+    # a module run by `_common.cli(main, __doc__, "results/<name>")`: the shared parser
+    consts["_uses_cli"] = any(
+        isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "cli"
+        for n in ast.walk(tree))
     return ast.get_docstring(tree, clean=False) or "", consts
 
 

@@ -25,6 +25,7 @@ EXPERIMENTS = (
     "stochastic_bias",
     "conservation_laws",
     "saddle_to_saddle",
+    "margins",
 )
 
 

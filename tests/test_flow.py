@@ -260,6 +260,51 @@ def test_log_times_end_exactly_at_t1(t1):
     assert np.all(np.diff(np.asarray(ts)) > 0)
 
 
+def test_log_time_flow_and_the_loss_stop():
+    # time="log": tau = log(1 + t). Against scipy's DOP853 on the layer ODE in linear time
+    # (logistic gradient written out by hand) at t = expm1(tau)
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((6, 4))
+    y = np.sign(X @ rng.standard_normal(4))
+    u0 = 0.5 * rng.standard_normal((3, 4))
+
+    def rhs(t, f):
+        u = f.reshape(3, 4)
+        m = y * (X @ np.prod(u, 0))
+        g = -X.T @ (y / (1 + np.exp(m)))
+        return np.stack([-np.prod(np.delete(u, j, 0), 0) * g for j in range(3)]).ravel()
+
+    taus = np.array([0.0, 0.5, 2.0, 4.0])
+    ref = solve_ivp(rhs, (0, np.expm1(4.0)), u0.ravel(), t_eval=np.expm1(taus), method="DOP853",
+                    rtol=1e-12, atol=1e-14).y.T.reshape(-1, 3, 4)
+    traj = dd.gradient_flow(jnp.asarray(u0), dd.Logistic(X, y), t1=4.0, ts=jnp.asarray(taus),
+                            time="log", rtol=1e-11, atol=1e-13)
+    np.testing.assert_allclose(traj.layers, ref, rtol=1e-7, atol=1e-9)
+    # a loss stop that is met: event_occurred, ok, the loss at the stop <= eps and above it at
+    # the save before; later saves hold the final state
+    ts = jnp.linspace(0.0, 700.0, 15)
+    problem = dd.Exponential(X, y)
+    stop = dd.gradient_flow(jnp.asarray(u0), problem, t1=700.0, ts=ts, time="log",
+                            stop_at_loss=1e-200)
+    assert bool(stop.ok) and int(stop.result) == dd.Result.event_occurred
+    final = float(problem.log_loss(stop.theta[-1]))
+    assert final <= np.log(1e-200) and float(stop.t_final) < 700.0
+    before = np.asarray(ts) < float(stop.t_final)
+    assert np.all(np.asarray(jax.vmap(problem.log_loss)(stop.theta[before])) > np.log(1e-200))
+    assert np.all(np.isfinite(stop.loss)) and float(stop.loss[-1]) < 1e-200
+    # float64 losses of 1e-200 without NaN or overflow anywhere in the trajectory
+    assert all(np.all(np.isfinite(np.asarray(a))) for a in (stop.theta, stop.layers, stop.xi))
+    # not met by t1: never a success
+    with pytest.warns(RuntimeWarning, match="stop_at_loss"):
+        short = dd.gradient_flow(jnp.asarray(u0), problem, t1=5.0, ts=jnp.linspace(0, 5, 3),
+                                 time="log", stop_at_loss=1e-200)
+    assert not bool(short.ok) and int(short.result) == dd.Result.stop_not_reached
+    with pytest.raises(ValueError, match="`time`"):
+        dd.gradient_flow(jnp.asarray(u0), problem, t1=1.0, ts=jnp.ones(1), time="exp")
+    with pytest.raises(ValueError, match="`stop_at_loss`"):
+        dd.gradient_flow(jnp.asarray(u0), problem, t1=1.0, ts=jnp.ones(1), stop_at_loss=0.0)
+
+
 def test_float32_and_int_inputs_promoted_with_x64():
     # x64 on: float32 (and int, list) inputs are converted exactly to float64, so the solve is
     # the float64 one on the same values, to the bit (a float32 solve took ~10x the steps)

@@ -21,6 +21,6 @@ def test_notebook_executes(path, tmp_path):
 def test_notebooks_exist():
     names = [p.stem for p in NOTEBOOKS]
     assert names == ["01_quickstart", "02_mirror_geometry", "03_implicit_bias", "04_sweeps",
-                     "05_conservation_laws", "06_saddle_to_saddle"]
+                     "05_conservation_laws", "06_saddle_to_saddle", "08_margins"]
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert all(f"notebooks/{n}.py" in readme for n in names)

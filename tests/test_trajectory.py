@@ -14,10 +14,11 @@ from ddln_jax._trajectory import result_code
 
 
 def test_result_codes_extend_diffrax():
-    # every diffrax result keeps its name and message; `diverged` is one more code
+    # every diffrax result keeps its name and message; `diverged` and `stop_not_reached` are
+    # two more codes
     # diffrax's names from the enumeration's generated docstring ("- `name`: message")
     names = re.findall(r"^- `(\w+)`", dfx.RESULTS.__doc__, flags=re.M)
-    assert len(names) == len(dfx.RESULTS) == len(dd.Result) - 1 and "successful" in names
+    assert len(names) == len(dfx.RESULTS) == len(dd.Result) - 2 and "successful" in names
     for name in names:
         item = getattr(dfx.RESULTS, name)
         code = int(getattr(dd.Result, name))
@@ -28,6 +29,9 @@ def test_result_codes_extend_diffrax():
         assert int(jax.jit(lambda r: result_code(r))(item)) == code
     assert dd.result_message(dd.Result.diverged).startswith("diverged")
     assert int(result_code(dd.RESULTS.diverged)) == int(dd.Result.diverged)
+    assert dd.result_message(dd.Result.stop_not_reached).startswith("stop_not_reached")
+    assert int(result_code(dd.RESULTS.stop_not_reached)) == int(dd.Result.stop_not_reached)
+    assert int(dd.Result.stop_not_reached) == int(dd.Result.diverged) + 1
     assert int(dd.Result.successful) == 0
     assert len({int(r) for r in dd.Result}) == len(list(dd.Result))
     assert dd.result_message(9999) == "unknown result code 9999"
