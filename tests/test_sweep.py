@@ -142,7 +142,7 @@ def _per_seed(seed):
 def test_stiffness_detection_hands_over_early(per_seed):
     # a large init is stiff after its transient: Hairer's test (h x stiff eigenvalue at the
     # stability boundary) hands it to the batched Kvaerno5 long before the explicit budget
-    p = _per_seed if per_seed else _problem()
+    p = dd.per_seed(_per_seed) if per_seed else _problem()
     kw = {**KW, "depths": [3], "scales": [2.2], "seeds": [0, 1, 2, 3],
           "stop_when_converged": 1e-9, "t1": 1000.0, "ts": jnp.linspace(0, 1000, 11)}
     res = dd.sweep(p, **kw)
@@ -251,7 +251,7 @@ def test_slot_array_size_does_not_change_bits(case):
     # these rows took other steps.
     kx, ky = jr.split(jr.key(3))
     n = {"gram": 10, "two_stage": 3, "per_seed_logistic": 12}[case]
-    p = (_logistic_per_seed if case == "per_seed_logistic"
+    p = (dd.per_seed(_logistic_per_seed) if case == "per_seed_logistic"
          else dd.LeastSquares(jr.normal(kx, (n, 8)), jr.normal(ky, (n,))))
     kw = dict(depths=[6], scales=[0.75, 1.25], seeds=64, t1=4.0, ts=jnp.linspace(0, 4.0, 5),
               progress=False, key=jr.key(0), workers=1, max_chunk=128)
