@@ -211,7 +211,8 @@ def _source_facts(path: Path) -> tuple[str, dict]:
     # a module run by `_common.cli(main, __doc__, "results/<name>")`: the shared parser
     consts["_uses_cli"] = any(
         isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "cli"
-        for n in ast.walk(tree))
+        for n in ast.walk(tree)
+    )
     return ast.get_docstring(tree, clean=False) or "", consts
 
 
