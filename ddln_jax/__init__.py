@@ -1,6 +1,6 @@
 """ddln_jax: training dynamics of Deep Diagonal Linear Networks in JAX."""
 
-import importlib.metadata
+import importlib.metadata as _metadata
 
 from ._bias import ImplicitBias as ImplicitBias
 from ._bias import implicit_bias as implicit_bias
@@ -72,6 +72,7 @@ from ._stochastic import momentum_flow as momentum_flow
 from ._stochastic import stochastic_flow as stochastic_flow
 from ._sweep import SweepResult as SweepResult
 from ._sweep import load_sweep as load_sweep
+from ._sweep import per_seed as per_seed
 from ._sweep import sweep as sweep
 from ._trajectory import RESULTS as RESULTS
 from ._trajectory import Result as Result
@@ -82,6 +83,6 @@ from ._weight_decay import WeightDecayLimit as WeightDecayLimit
 from ._weight_decay import weight_decay_limit as weight_decay_limit
 
 try:
-    __version__ = importlib.metadata.version("ddln_jax")
-except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source checkout
+    __version__ = _metadata.version("ddln_jax")
+except _metadata.PackageNotFoundError:  # pragma: no cover - source checkout
     __version__ = "0.0.0"

@@ -1,4 +1,4 @@
-"""Implicit bias: where gradient flow ends, without simulating it (DESIGN §3).
+"""Implicit bias: where gradient flow ends, without simulating it (docs/maths.md: mirror maps).
 
 If the flow interpolates, theta_inf = argmin_{X theta = y} D_Q(theta, theta0). Its dual:
 theta = Psi(X^T omega) with omega minimising the convex phi(omega) = Q*(X^T omega) - <y, omega>,

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ._network import theta as product_theta
 from ._solve import (
     diffeq,
     layer_vector_field,
@@ -20,7 +21,15 @@ from ._solve import (
     resolve_solver,
     warn_if_stationary,
 )
-from ._trajectory import RESULTS, Trajectory, make_trajectory, result_code, warn_if_failed
+from ._structured import structured_kvaerno5
+from ._trajectory import (
+    RESULTS,
+    Trajectory,
+    make_trajectory,
+    result_code,
+    warn_if_failed,
+    warn_if_unreached,
+)
 from ._validate import check_gtol, check_positive, check_times, check_tolerances, is_traced
 
 DEFAULT_MAX_STEPS = 2**20
@@ -155,11 +164,16 @@ def gradient_flow(
     log_stop, log_time = _check_stop_at_loss(stop_at_loss), _check_time(time)
     warn_if_stationary(layers0, problem, parameterization, "gradient_flow")
     traj = _solve_layers(
-        layers0, problem, t0, t1, ts, resolve_solver(solver), jnp.asarray(rtol),
-        jnp.asarray(atol), max_steps, parameterization, gtol, log_stop, log_time,
+        layers0, problem, t0, t1, ts,
+        # (the structured Newton solve is the linear-time field's)
+        resolve_solver(solver) if log_time else structured_kvaerno5(
+            resolve_solver(solver), parameterization, product_theta),
+        jnp.asarray(rtol), jnp.asarray(atol), max_steps, parameterization, gtol, log_stop,
+        log_time,
     )
     warn_if_failed(traj, hint=None if log_stop is None else (
         "A run that ended above `stop_at_loss` needs a larger `t1` (with `time='log'`, t1 "
         "is log(1 + t): t1 = 700 is t ~ 1e304); otherwise increase `max_steps` or use "
-        "`solver='kvaerno5'`."))
+        "`solver='kvaerno5'`."), rtol=rtol)
+    warn_if_unreached(traj, gtol)
     return traj

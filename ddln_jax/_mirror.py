@@ -1,4 +1,5 @@
-"""Mirror maps for every depth (DESIGN §3): theta = Psi(xi), grad Q = Psi^{-1}, Q, D_Q.
+"""Mirror maps for every depth (docs/maths.md: mirror maps): theta = Psi(xi),
+grad Q = Psi^{-1}, Q, D_Q.
 
 Under Assumption (A) the flow is separable in the mirror coordinate: per coordinate,
 dv1/dxi = s prod_{j>=2} sqrt(v1^2 + Delta_j) does not involve t, so

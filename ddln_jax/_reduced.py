@@ -1,4 +1,4 @@
-"""The flow under Assumption (A) in fewer variables (Section 2.1, DESIGN §2): the mirror
+"""The flow under Assumption (A) in fewer variables (Section 2.1, docs/maths.md): the mirror
 flow in theta (d variables) and the flow of v^1 (eq 6), all layers rebuilt by the conservation
 law (the reduced-variable maths lives in `_network.py`).
 """
@@ -23,7 +23,7 @@ from ._network import (
     w_from_theta,
 )
 from ._solve import check_problem_dim, diffeq, resolve_solver
-from ._trajectory import Trajectory, make_trajectory, warn_if_failed
+from ._trajectory import Trajectory, make_trajectory, warn_if_failed, warn_if_unreached
 from ._validate import check_gtol, check_layers, check_times, check_tolerances, is_traced
 
 
@@ -115,7 +115,8 @@ def mirror_flow(
         layers0, problem, t0, t1, ts, resolve_solver(solver), jnp.asarray(rtol),
         jnp.asarray(atol), max_steps, True, check_gtol(stop_when_converged),
     )
-    warn_if_failed(traj, "mirror_flow")
+    warn_if_failed(traj, "mirror_flow", rtol=rtol)
+    warn_if_unreached(traj, check_gtol(stop_when_converged), "mirror_flow")
     return traj
 
 
@@ -165,5 +166,6 @@ def reduced_flow(
         layers0, problem, t0, t1, ts, resolve_solver(solver), jnp.asarray(rtol),
         jnp.asarray(atol), max_steps, False, check_gtol(stop_when_converged),
     )
-    warn_if_failed(traj, "reduced_flow")
+    warn_if_failed(traj, "reduced_flow", rtol=rtol)
+    warn_if_unreached(traj, check_gtol(stop_when_converged), "reduced_flow")
     return traj

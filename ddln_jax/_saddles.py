@@ -1,8 +1,8 @@
-"""Small initialization: the saddle-to-saddle path for every depth (DESIGN §6), and plateau
-detection on simulated flows to compare it with.
+"""Small initialization: the saddle-to-saddle path for every depth (README: saddle-to-saddle), and
+plateau detection on simulated flows to compare it with.
 
-Per coordinate theta_i = Psi_i(xi_i) with xi' = -grad L (DESIGN §3). From a small init,
-theta_i stays O(alpha^L) while xi_i is inside (-e_i^-, e_i^+) and leaves 0 only when xi_i
+Per coordinate theta_i = Psi_i(xi_i) with xi' = -grad L (docs/maths.md: mirror maps). From a small
+init, theta_i stays O(alpha^L) while xi_i is inside (-e_i^-, e_i^+) and leaves 0 only when xi_i
 reaches an edge, so xi moves in straight lines, xi' = -grad L(beta_k), while theta sits at
 a saddle beta_k: the minimiser of L with beta_i >= 0 where xi_i = e_i^+, beta_i <= 0 where
 xi_i = -e_i^-, beta_i = 0 elsewhere. A jump happens when a free xi_i reaches an edge; an
@@ -141,7 +141,8 @@ def _next_hit(xi, g, signs, e_minus, e_plus, gtol):
 
 
 def _recursion(X, y, e_minus, e_plus, max_jumps, tol):
-    """The saddle recursion of DESIGN §6 in real time; returns the lists of the path."""
+    """The saddle recursion (README: saddle-to-saddle) in real time; returns the lists of the
+    path."""
     d = X.shape[1]
     gtol = tol * max(2.0 * np.linalg.norm(X, 2) * np.linalg.norm(y), np.finfo(float).tiny)
     xi, signs, t = np.zeros(d), np.zeros(d, int), 0.0
@@ -175,8 +176,8 @@ def _recursion(X, y, e_minus, e_plus, max_jumps, tol):
 def saddle_path(
     layers0, problem, *, scale=None, max_jumps: int | None = None, tol: float = 1e-9
 ) -> SaddlePath:
-    """The saddle-to-saddle path of gradient flow from a small initialization (DESIGN §6;
-    Pesme & Flammarion 2023 for L = 2), for every depth and any (A) init.
+    """The saddle-to-saddle path of gradient flow from a small initialization
+    (README: saddle-to-saddle; Pesme & Flammarion 2023 for L = 2), for every depth and any (A) init.
 
     Along the path xi(t) is piecewise linear, xi' = -grad L(beta_k) on plateau k, and a
     jump happens when a free coordinate of xi reaches its threshold e_i^± (see

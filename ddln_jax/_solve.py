@@ -9,10 +9,10 @@ import diffrax as dfx
 import jax
 import jax.numpy as jnp
 
-from ._loss import as_problem, scaled_gradient
+from ._loss import FunctionLoss, as_problem, scaled_gradient
 from ._network import theta as product_theta
 from ._trajectory import RESULTS, result_code
-from ._validate import check_finite, check_layers, is_traced
+from ._validate import as_float_array, check_finite, check_layers, is_traced
 
 _SOLVERS = {
     "tsit5": dfx.Tsit5,
@@ -175,9 +175,22 @@ def prepare_inputs(layers0, problem, parameterization):
         layers0 = check_layers(layers0)
         check_problem_dim(problem, layers0.shape[1])
     else:
-        layers0 = jax.tree_util.tree_map(lambda x: check_finite("layers0", jnp.asarray(x)), layers0)
+        layers0 = jax.tree_util.tree_map(
+            lambda x: check_finite("layers0", as_float_array("layers0", x)), layers0)
+    if isinstance(problem, FunctionLoss):
+        check_scalar_loss(problem, jax.eval_shape(parameterization, layers0))
     return layers0, problem, parameterization
 
+
+def check_scalar_loss(problem, theta) -> None:
+    """A callable problem maps theta (an array or its `ShapeDtypeStruct`) to a scalar
+    (checked by tracing: nothing runs)."""
+    out = jax.eval_shape(problem.loss, theta)
+    shape = getattr(out, "shape", None)
+    if shape != ():
+        got = f"shape {shape}" if shape is not None else type(out).__name__
+        raise TypeError(f"`problem` must return a scalar loss L(theta), got {got} for theta of "
+                        f"shape {tuple(theta.shape)}: reduce it (e.g. with `jnp.sum`).")
 
 
 

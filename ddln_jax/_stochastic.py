@@ -26,8 +26,15 @@ from ._flow import DEFAULT_MAX_STEPS
 from ._loss import check_batch_size, num_rows, row_problem
 from ._network import theta as product_theta
 from ._solve import diffeq, first_nonfinite, layer_vector_field, prepare_inputs, resolve_solver
-from ._trajectory import Trajectory, make_trajectory, result_code, warn_if_failed
+from ._trajectory import (
+    Trajectory,
+    make_trajectory,
+    result_code,
+    warn_if_failed,
+    warn_if_unreached,
+)
 from ._validate import (
+    as_float_array,
     check_finite,
     check_gtol,
     check_positive,
@@ -207,7 +214,7 @@ def momentum_flow(
         velocity0 = jax.tree_util.tree_map(jnp.zeros_like, layers0)
     else:
         velocity0 = jax.tree_util.tree_map(
-            lambda x: check_finite("velocity0", jnp.asarray(x)), velocity0
+            lambda x: check_finite("velocity0", as_float_array("velocity0", x)), velocity0
         )
         same = jax.tree_util.tree_structure(velocity0) == jax.tree_util.tree_structure(layers0)
         shapes = [x.shape for x in jax.tree_util.tree_leaves(velocity0)]
@@ -218,5 +225,6 @@ def momentum_flow(
         ts, resolve_solver(solver), jnp.asarray(rtol), jnp.asarray(atol), max_steps,
         parameterization, check_gtol(stop_when_converged),
     )
-    warn_if_failed(traj, "momentum_flow")
+    warn_if_failed(traj, "momentum_flow", rtol=rtol)
+    warn_if_unreached(traj, check_gtol(stop_when_converged), "momentum_flow")
     return traj

@@ -163,8 +163,31 @@ def make_trajectory(ts, ys, result, num_steps, ok, t_final, layers0, problem,
     )
 
 
-def warn_if_failed(traj: Trajectory, what: str = "gradient_flow", hint: str | None = None) -> None:
-    """Outside of jit/vmap: warn, with the reason and the fix, when a run failed."""
+# rtol within this many epsilons of the state's dtype: the error estimate is round-off
+_ROUNDOFF_RTOL = 1e3
+
+
+def steps_hint(dtype, rtol=None) -> str:
+    """What to do when a solve ran out of steps: tolerances near the dtype's resolution
+    (steps rejected on round-off) first, when `rtol` is that small or unknown."""
+    eps = float(jnp.finfo(dtype).eps)
+    usual = ("increase `max_steps`, shorten `t1`, or use `solver='kvaerno5'` for stiff "
+             "(large) initializations.")
+    tight = rtol is not None and not is_traced(rtol) and float(np.min(rtol)) < _ROUNDOFF_RTOL * eps
+    if rtol is not None and not tight:
+        return usual[0].upper() + usual[1:]
+    f64 = (" or turn on float64 (`jax.config.update('jax_enable_x64', True)`)"
+           if jnp.dtype(dtype) != jnp.float64 else "")
+    told = f"`rtol`={float(np.min(rtol)):g} is" if tight else "tolerances `rtol`/`atol` near or"
+    return (f"Out of steps: {told} below ~{_ROUNDOFF_RTOL * eps:.0e}, the resolution of "
+            f"{jnp.dtype(dtype).name} (eps = {eps:.1e}) for an error estimate, the likely "
+            f"cause: round-off rejects the steps; loosen them{f64}. Otherwise {usual}")
+
+
+def warn_if_failed(traj: Trajectory, what: str = "gradient_flow", hint: str | None = None,
+                   rtol=None) -> None:
+    """Outside of jit/vmap: warn, with the reason and the fix, when a run failed (`rtol`:
+    the solve's, to say whether it is the likely cause of running out of steps)."""
     if is_traced(traj.ok):
         return
     ok = np.asarray(traj.ok)
@@ -173,6 +196,8 @@ def warn_if_failed(traj: Trajectory, what: str = "gradient_flow", hint: str | No
     codes = np.asarray(traj.result).reshape(-1)[~ok.reshape(-1)]
     reasons = sorted({result_message(c) for c in codes})
     t_fail = np.asarray(traj.t_final).reshape(-1)[~ok.reshape(-1)]
+    if hint is None and np.any(codes == Result.max_steps_reached):
+        hint = steps_hint(np.asarray(traj.theta).dtype, rtol)
     hint = hint or (
         "Increase `max_steps`, shorten `t1`, or use `solver='kvaerno5'` for stiff (large) "
         "initializations."
@@ -180,6 +205,26 @@ def warn_if_failed(traj: Trajectory, what: str = "gradient_flow", hint: str | No
     warnings.warn(
         f"{what}: {int((~ok).sum())} trajectory(ies) failed ({'; '.join(reasons)}), first at "
         f"t = {float(t_fail.min()):.6g}. Their values after `t_final` are not valid. {hint}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def warn_if_unreached(traj: Trajectory, gtol, what: str = "gradient_flow") -> None:
+    """Outside of jit/vmap: warn when a steady-state stop (`stop_when_converged=gtol`) was
+    asked for and a successful run reached `t1` without it (||grad L||_inf stayed above
+    `gtol`: often a floor set by round-off, or a flow still converging)."""
+    if gtol is None or is_traced(traj.ok) or is_traced(gtol):
+        return
+    missed = np.asarray(traj.ok) & (np.asarray(traj.result) != Result.event_occurred)
+    if not missed.any():
+        return
+    warnings.warn(
+        f"{what}: `stop_when_converged`={float(gtol):g} was not reached by "
+        f"{int(missed.sum())} trajectory(ies): ||grad L||_inf stayed above it up to t1 = "
+        f"{float(np.max(np.asarray(traj.ts)[..., -1])):g} (they ran to t1). Raise the "
+        "tolerance (round-off and the solver's `rtol`/`atol` set a floor on ||grad L||), or "
+        "a longer `t1`.",
         RuntimeWarning,
         stacklevel=3,
     )

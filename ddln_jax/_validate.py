@@ -18,6 +18,11 @@ def is_traced(x) -> bool:
 
 
 def as_float_array(name: str, x) -> jax.Array:
+    """`x` as an array of the default float dtype, `jnp.result_type(float)`: float64 with
+    `jax_enable_x64` on, float32 off. Lists, ints, bools and other float dtypes (float16,
+    bfloat16, float32 with x64 on) are converted, so every public function computes in one
+    dtype whatever its inputs' (a float32 array with x64 on would otherwise give a float32
+    solve at float64 tolerances)."""
     if isinstance(x, (str, bytes)) or x is None:
         raise TypeError(f"`{name}` must be an array of numbers, got {type(x).__name__}.")
     if np.iscomplexobj(x):
@@ -29,7 +34,7 @@ def as_float_array(name: str, x) -> jax.Array:
         x = jnp.asarray(x)
     except TypeError as e:
         raise TypeError(f"`{name}` must be an array of numbers, got {type(x).__name__}.") from e
-    if not jnp.issubdtype(x.dtype, jnp.floating):
+    if x.dtype != jnp.result_type(float):
         x = x.astype(jnp.result_type(float))
     return x
 
@@ -157,3 +162,14 @@ def check_gtol(stop_when_converged):
         return None
     check_positive("stop_when_converged", stop_when_converged)
     return jnp.asarray(stop_when_converged, dtype=jnp.result_type(float))
+
+
+def check_key(name: str, key):
+    """A JAX PRNG key (`jax.random.key(0)`; a legacy `jax.random.PRNGKey(0)` is accepted)."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return key
+    if dtype == jnp.uint32 and getattr(key, "shape", ())[-1:] == (2,):
+        return key
+    raise TypeError(f"`{name}` must be a JAX PRNG key such as `jax.random.key(0)`, got "
+                    f"{type(key).__name__} {key!r}.")

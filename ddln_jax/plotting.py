@@ -64,19 +64,35 @@ def plot_nodes(ax, ts, layers, coordinate: int, *, argmin_layer=None, crossings=
     return ax
 
 
+def relative_luminance(color) -> float:
+    """WCAG 2 relative luminance of a matplotlib color (0 black, 1 white)."""
+    rgb = np.asarray(mpl.colors.to_rgb(color))
+    lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    return float(lin @ [0.2126, 0.7152, 0.0722])
+
+
+def text_color(background) -> str:
+    """Black or white, whichever contrasts more with `background` (WCAG contrast ratio
+    (L1 + 0.05) / (L2 + 0.05); the better of the two is always >= 4.58)."""
+    lum = relative_luminance(background)
+    return "k" if (lum + 0.05) / 0.05 >= 1.05 / (lum + 0.05) else "w"
+
+
 def heatmap(ax, values, xlabels, ylabels, *, title=None, cmap="viridis", fmt="{:.2g}",
             log=True, label=None, vmin=None, vmax=None):
-    """A labelled heatmap with the values written in the cells; the colorbar says what it
-    shows (`label`, prefixed by "log10 of" when `log`), on a fixed range if `vmin`/`vmax`."""
+    """A labelled heatmap with the values written in the cells (in black or white, whichever
+    reads better on the cell's colour); the colorbar says what it shows (`label`, prefixed by
+    "log10 of" when `log`), on a fixed range if `vmin`/`vmax`."""
     v = np.asarray(values, float)
     shown = np.log10(v) if log else v
     im = ax.imshow(shown, cmap=cmap, aspect="auto", origin="lower", vmin=vmin, vmax=vmax)
     ax.set_xticks(range(len(xlabels)), [str(x) for x in xlabels])
     ax.set_yticks(range(len(ylabels)), [str(y) for y in ylabels])
+    cells = im.cmap(im.norm(np.ma.masked_invalid(shown)))  # RGBA of each cell as drawn
     for i in range(v.shape[0]):
         for j in range(v.shape[1]):
             ax.text(j, i, fmt.format(v[i, j]), ha="center", va="center", fontsize=7,
-                    color="w")
+                    color=text_color(cells[i, j] if np.isfinite(shown[i, j]) else "w"))
     if title:
         ax.set_title(title)
     name = label or "value"

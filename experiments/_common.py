@@ -6,7 +6,6 @@ summary dict (with "files") and `caption(summary)` returning the markdown lines 
 paper sizes).
 """
 
-import argparse
 import json
 import os
 import sys
@@ -23,6 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ddln_jax.plotting import use_style  # noqa: E402
+
+from ._cli import parser  # noqa: E402
 
 
 def setup(out) -> Path:
@@ -92,18 +93,6 @@ def time_to_reach(ts, subopt, level=1e-10):
         return float(ts[0])
     la, lb, lv = np.log(s[i - 1]), np.log(s[i]), np.log(level)
     return float(ts[i - 1] + (la - lv) / (la - lb) * (ts[i] - ts[i - 1]))
-
-
-def parser(doc: str, name: str, full_estimate: str, default_out: str) -> argparse.ArgumentParser:
-    """The experiment CLIs' shared options: `--full` and `--out`."""
-    p = argparse.ArgumentParser(
-        prog=f"python -m experiments.{name}", description=doc,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--full", action="store_true",
-                   help=f"paper sizes instead of the quick sizes ({full_estimate} on 2 CPU cores)")
-    p.add_argument("--out", default=default_out, help="output folder")
-    return p
 
 
 def cli(main, doc: str, default_out: str) -> None:

@@ -65,9 +65,39 @@ from ._bench_tools import (  # device_bench imports the problem and the counters
     _scipy_solve,
     _x,
 )
-from ._common import parser, save_json
+from ._cli import bench_parser
+from ._common import save_json
 
 FULL_ESTIMATE = "29.5 min measured, with other jobs running,"
+
+
+KV_DEPTH, KV_DIM, KV_N, KV_T1 = 8, 100, 50, 100.0  # the stiff-flow row (issue 35)
+
+
+def _kvaerno5_row() -> dict:
+    """`gradient_flow` at depth 8, dim 100 (n 50, t1 100) with Kvaerno5 (its Newton systems
+    solved by their structure) and with Tsit5: second-call times, steps, agreement."""
+    kx, ky, ku = jr.split(jr.key(35), 3)
+    p = dd.LeastSquares(jr.normal(kx, (KV_N, KV_DIM)), jr.normal(ky, (KV_N,)))
+    u0 = dd.init_gaussian(ku, depth=KV_DEPTH, dim=KV_DIM)
+    ts = jnp.linspace(0.0, KV_T1, 11)
+    row = {"depth": KV_DEPTH, "dim": KV_DIM, "n": KV_N, "t1": KV_T1}
+    trajs = {}
+    for name in ("tsit5", "kvaerno5"):
+        for call in ("first", "second"):
+            t = time.perf_counter()
+            trajs[name] = traj = dd.gradient_flow(u0, p, t1=KV_T1, ts=ts, solver=name)
+            traj.theta.block_until_ready()
+            row[f"{name}_{call}_s"] = time.perf_counter() - t
+        row[f"{name}_steps"], row[f"{name}_ok"] = int(traj.num_steps), bool(traj.ok)
+    a, b = np.asarray(trajs["kvaerno5"].theta), np.asarray(trajs["tsit5"].theta)
+    row["max_rel_difference"] = float(np.abs(a - b).max() / np.abs(b).max())
+    row["ratio"] = row["kvaerno5_second_s"] / row["tsit5_second_s"]
+    print(f"stiff flow (depth {KV_DEPTH}, dim {KV_DIM}, n {KV_N}, t1 {KV_T1:g}), second calls: "
+          f"Kvaerno5 {row['kvaerno5_second_s']:.2f} s ({row['kvaerno5_steps']} steps), Tsit5 "
+          f"{row['tsit5_second_s']:.2f} s ({row['tsit5_steps']} steps): {row['ratio']:.1f}x; "
+          f"max |theta difference| / max |theta| {row['max_rel_difference']:.1e}", flush=True)
+    return row
 
 
 def main(*, quick: bool = True, out="results/bench", solver: str | None = None) -> dict:
@@ -351,6 +381,11 @@ def main(*, quick: bool = True, out="results/bench", solver: str | None = None) 
     report["memory"] = memory(quick)
     sections["memory"] = time.perf_counter() - t_sec
 
+    # --- one stiff flow: gradient_flow's Kvaerno5 (structured Newton) against Tsit5 --------
+    t_sec = time.perf_counter()
+    report["kvaerno5_flow"] = _kvaerno5_row()
+    sections["kvaerno5_flow"] = time.perf_counter() - t_sec
+
     report["total_s"] = time.perf_counter() - start
     print("sections (s): " + ", ".join(f"{k} {v:.0f}" for k, v in sections.items())
           + f"; total {report['total_s']:.0f}", flush=True)
@@ -360,9 +395,5 @@ def main(*, quick: bool = True, out="results/bench", solver: str | None = None) 
 
 
 if __name__ == "__main__":
-    cli = parser(__doc__, "bench", FULL_ESTIMATE, "results/bench")
-    cli.add_argument("--solver", default=None, metavar="NAME",
-                     help="also run the B rows with dd.sweep(..., solver=NAME); without it "
-                          "only the fused fast path runs")
-    args = cli.parse_args()
+    args = bench_parser(__doc__, FULL_ESTIMATE).parse_args()
     main(quick=not args.full, out=args.out, solver=args.solver)

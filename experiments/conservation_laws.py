@@ -1,8 +1,8 @@
-"""Conservation laws of any model by autodiff (DESIGN §7): the number of independent laws,
-D - dim Lie(W)(u) (Marcotte, Gribonval & Peyré 2023), next to the count known by hand, and
-whether the parameterization is commuting (Li, Wang, Lee & Arora 2022), for DDLNs, the tied
-and difference networks, U V^T and a two-layer ReLU network. The figure shows the singular
-values of the stacked Lie-algebra field values at u: the gap that decides each rank."""
+"""Conservation laws of any model by autodiff (README: conservation laws): the number of independent
+laws, D - dim Lie(W)(u) (Marcotte, Gribonval & Peyré 2023), next to the count known by hand, and
+whether the parameterization is commuting (Li, Wang, Lee & Arora 2022), for DDLNs, the tied and
+difference networks, U V^T and a two-layer ReLU network. The figure shows the singular values of the
+stacked Lie-algebra field values at u: the gap that decides each rank."""
 
 import time
 

@@ -23,7 +23,6 @@ round-off).
 Writes device_bench.json after every row: a cut-off run keeps the rows it finished.
 """
 
-import argparse
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import numpy as np
 
 import ddln_jax as dd
 
+from ._cli import device_bench_parser
 from ._common import save_json
 from .bench import ATOL, DEPTH, DIM, GTOL, RTOL, T1, N, _compiles, _counters, _counting_compiles
 
@@ -143,17 +143,7 @@ def main(*, sizes=None, budget_s: float = 420.0, check: int = 4,
 
 
 if __name__ == "__main__":
-    cli = argparse.ArgumentParser(prog="python -m experiments.device_bench", description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_argument("--sizes", default=None,
-                     help="comma-separated B values (default: 1e4,1e5,1e6 on an accelerator, "
-                          "256,1024 on a CPU)")
-    cli.add_argument("--budget-s", type=float, default=420.0,
-                     help="seconds after which no further row starts (projected from the "
-                          "last row's rate)")
-    cli.add_argument("--check", type=int, default=4,
-                     help="grid points per row checked against dd.gradient_flow")
-    cli.add_argument("--out", default="results/device_bench", help="output folder")
+    cli = device_bench_parser(__doc__)
     args = cli.parse_args()
     main(sizes=None if args.sizes is None else [int(float(s)) for s in args.sizes.split(",")],
          budget_s=args.budget_s, check=args.check, out=args.out)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ._common import parser, setup
+from ._cli import PAPER_ESTIMATE, parser
+from ._common import setup
 
 # Run order of the main job. Each module owns `main(*, quick, out)` and `caption(summary)`.
 EXPERIMENTS = (
@@ -56,7 +57,7 @@ def main(*, quick: bool = True, out="results", progress: bool = True) -> dict:
 
 
 if __name__ == "__main__":
-    args = parser(__doc__, "paper", "~25 min", "results").parse_args()
+    args = parser(__doc__, "paper", PAPER_ESTIMATE, "results").parse_args()
     res = main(quick=not args.full, out=args.out)
     print(f"wrote {res['index']}")
     for k, v in res["timings"].items():

@@ -1,11 +1,11 @@
-"""Saddle-to-saddle dynamics from small initializations at depths 2, 3, 4 (DESIGN §6): loss
-against rescaled time t / T_alpha (T_alpha = ln(1/alpha) for L = 2, alpha^-(L-2) for L >= 3)
-for several alpha, with the jump times predicted by `dd.saddle_path` marked, and the errors of
-the predicted jump times and saddles against the flows as alpha decreases.
+"""Saddle-to-saddle dynamics from small initializations at depths 2, 3, 4 (README:
+saddle-to-saddle): loss against rescaled time t / T_alpha (T_alpha = ln(1/alpha) for L = 2,
+alpha^-(L-2) for L >= 3) for several alpha, with the jump times predicted by `dd.saddle_path`
+marked, and the errors of the predicted jump times and saddles against the flows as alpha decreases.
 
 The flows are long (t up to 1e13) and stiff on the plateaus; they are solved with scipy's
-LSODA (it switches to BDF on the plateaus, DESIGN §4) in float64 on the layers. Flow jump
-times come from `dd.detect_plateaus` on the saved loss curve.
+LSODA (it switches to BDF on the plateaus, docs/maths.md: numerics) in float64 on the layers.
+Flow jump times come from `dd.detect_plateaus` on the saved loss curve.
 """
 
 import matplotlib.pyplot as plt
@@ -134,7 +134,7 @@ def main(*, quick: bool = True, out="results/saddle_to_saddle", progress: bool =
 def caption(s) -> list[str]:
     """Markdown lines for `results/index.md` from this experiment's summary."""
     lines = [
-        "Saddle-to-saddle (DESIGN §6): loss vs rescaled time at depths 2, 3, 4 (Yun init, "
+        "Saddle-to-saddle: loss vs rescaled time at depths 2, 3, 4 (Yun init, "
         "X 3x5, a path with a deactivation), predicted jumps dotted; errors of predicted jump "
         "times (detected jumps vs the nearest predicted one) and saddles against LSODA flows "
         "shrink as α → 0: "

@@ -16,7 +16,6 @@ independent (a process that dies does not stop the others; its chunks are taken 
 its leases expire).
 """
 
-import argparse
 import os
 import shutil
 import sys
@@ -32,7 +31,8 @@ import numpy as np
 import ddln_jax as dd
 from ddln_jax.plotting import heatmap
 
-from ._common import parser, save_figure, save_json, save_npz, setup, time_to_reach
+from ._cli import sweep_parser
+from ._common import save_figure, save_json, save_npz, setup, time_to_reach
 
 FULL_ESTIMATE = "768 trajectories: minutes, not measured"
 QUICK = dict(depths=(2, 3, 4), scales=(0.75, 1.0, 1.5), seeds=4, t1=100.0)
@@ -49,8 +49,11 @@ def main(*, quick: bool = True, out="results/sweep", depths=None, scales=None, s
          load: bool = False, progress=True) -> dict:
     out = setup(out)
     size = QUICK if quick else FULL
-    depths, scales = depths or size["depths"], scales or size["scales"]
-    seeds, t1 = seeds or size["seeds"], t1 or size["t1"]
+    # an explicit value is used (and checked by `dd.sweep`), never replaced by the default
+    depths = size["depths"] if depths is None else depths
+    scales = size["scales"] if scales is None else scales
+    seeds = size["seeds"] if seeds is None else seeds
+    t1 = size["t1"] if t1 is None else t1
     problem = _problem()
     if load:
         res = dd.load_sweep(out / "chunks")
@@ -138,43 +141,8 @@ def caption(s) -> list[str]:
     return lines
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
-
-
 def _parse(argv=None):
-    p = parser(__doc__, "sweep", FULL_ESTIMATE, "results/sweep")
-    p.formatter_class = _Formatter
-    none = "%(default).0s"  # these defaults depend on --full: said in the text, not "None"
-    p.add_argument("--depths", type=int, nargs="+",
-                   help=f"depths (default: {QUICK['depths']}, --full {FULL['depths']}){none}")
-    p.add_argument("--scales", type=float, nargs="+",
-                   help=f"init scales (default: {QUICK['scales']}, --full {FULL['scales']}){none}")
-    p.add_argument("--seeds", type=int,
-                   help=f"number of seeds n: seeds 0..n-1 (default: {QUICK['seeds']}, --full "
-                        f"{FULL['seeds']}){none}")
-    p.add_argument("--t1", type=float,
-                   help=f"final time (default: {QUICK['t1']:g}, --full {FULL['t1']:g}){none}")
-    p.add_argument("--init", default="gaussian", choices=["gaussian", "zero_first"],
-                   help="initialization")
-    p.add_argument("--max-chunk", type=int, default=256,
-                   help="grid points per chunk: the unit of work, of writing and of resume")
-    p.add_argument("--lease-timeout", type=float, default=120.0,
-                   help="seconds after which the chunks of a process that died are taken over")
-    p.add_argument("--load", action="store_true",
-                   help="only summarise the results in --out (complete or partial)")
-    p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() (auto-detects SLURM, Open MPI, ...)")
-    p.add_argument("--coordinator",
-                   help="HOST:PORT of process 0: jax.distributed.initialize by hand" + none)
-    p.add_argument("--num-processes", type=int,
-                   help="number of processes (with --coordinator)" + none)
-    p.add_argument("--process-id", type=int,
-                   help="this process's index, 0..N-1 (with --coordinator)" + none)
-    a = p.parse_args(argv)
-    if a.seeds is not None and a.seeds < 1:
-        p.error(f"--seeds must be >= 1, got {a.seeds}")
-    return a
+    return sweep_parser(__doc__, QUICK, FULL, FULL_ESTIMATE).parse_args(argv)
 
 
 if __name__ == "__main__":

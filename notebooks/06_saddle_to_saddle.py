@@ -11,7 +11,7 @@
 # %% [markdown]
 # # 06 · Saddle-to-saddle dynamics from small initializations
 # From u(0) = α ū with α → 0, gradient flow jumps between saddles of the loss (Pesme &
-# Flammarion 2023 for depth 2; DESIGN §6 for every depth). Per coordinate the mirror
+# Flammarion 2023 for depth 2; README: saddle-to-saddle for every depth). Per coordinate the mirror
 # coordinate ξ_i = ∇Q_i(θ_i) moves in a straight line, ξ' = −∇L(β_k), while θ sits at a saddle
 # β_k; θ_i leaves 0 when ξ_i reaches a threshold e_i^± (∝ α^{−(L−2)} for L ≥ 3, ≈ ln(1/α) for
 # L = 2). `dd.saddle_path` runs that recursion; `dd.detect_plateaus` reads jumps off a

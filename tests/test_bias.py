@@ -171,3 +171,16 @@ def test_float32_converged_is_honest(tmp_path):
         "      any('float64' in str(m.message) for m in w))\n"
     )
     assert run_float32(code, tmp_path) == ["float32", "False", "True", "True"]
+
+
+def test_float32_inputs_promoted_with_x64():
+    # x64 on: float32 inputs (the Newton loop's carry crashed on them) are converted exactly,
+    # giving the float64 prediction of the same values, which satisfies X theta = y
+    X, y = random_problem(5, 3, 6)
+    u0 = random_layers(5, 3, 6)
+    X32, y32, u32 = (a.astype(np.float32) for a in (X, y, u0))
+    a = dd.implicit_bias(u32, dd.LeastSquares(X32, y32))
+    b = dd.implicit_bias(u32.astype(float), dd.LeastSquares(X32.astype(float), y32.astype(float)))
+    assert bool(a.converged) and a.theta.dtype == np.float64
+    np.testing.assert_array_equal(a.theta, b.theta)
+    np.testing.assert_allclose(X32.astype(float) @ np.asarray(a.theta), y32, atol=1e-10)

@@ -156,3 +156,28 @@ def test_bad_inputs():
         dd.train(u0[:1], problem, 0.1, steps=10)
     with pytest.raises(TypeError, match="data rows"):
         dd.train(u0, lambda th: jnp.sum(th**2), 0.1, steps=10, batch_size=2, key=jr.key(0))
+
+
+def test_float32_inputs_promoted_with_x64():
+    # x64 on: float32 inputs (the scan's carry crashed on them) are converted exactly to
+    # float64: the same iterates as the float64 inputs of the same values, to the bit
+    X, y = scaled_problem()
+    X32, y32 = np.asarray(X, np.float32), np.asarray(y, np.float32)
+    u32 = random_layers(4, 3, 5).astype(np.float32)
+    a = dd.train(u32, dd.LeastSquares(X32, y32), 0.01, steps=20, save_every=5)
+    b = dd.train(u32.astype(float), dd.LeastSquares(X32.astype(float), y32.astype(float)), 0.01,
+                 steps=20, save_every=5)
+    assert a.theta.dtype == jnp.float64
+    np.testing.assert_array_equal(a.theta, b.theta)
+
+
+def test_train_key_and_stationary_start():
+    X, y = scaled_problem()
+    p = dd.LeastSquares(X, y)
+    with pytest.raises(TypeError, match="`key` must be a JAX PRNG key"):
+        dd.train(random_layers(0, 2, 5), p, 0.01, steps=2, batch_size=2, key=0)
+    # all-zero layers: every layer's gradient is 0 while grad L(0) = -2 X^T y is not
+    assert np.abs(X.T @ y).max() > 0
+    with pytest.warns(RuntimeWarning, match="train: `layers0` is a stationary point"):
+        traj = dd.train(np.zeros((3, 5)), p, 0.01, steps=2)
+    np.testing.assert_array_equal(traj.theta, 0.0)

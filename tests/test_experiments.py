@@ -85,3 +85,58 @@ def test_device_bench_checks_rows_and_keeps_to_its_budget(tmp_path):
     assert skip["B"] == 10**9 and skip["projected_s"] > skip["left_s"]
     saved = json.loads((tmp_path / "device_bench.json").read_text())
     assert [r["B"] for r in saved["rows"]] == [16] and saved["skipped"][0]["B"] == 10**9
+
+
+def test_cli_help_is_instant_and_keeps_the_examples():
+    # `--help` is answered from the module's source before JAX is imported (-X importtime
+    # lists every module imported), and the usage examples keep their lines
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("sweep", "fig4_init_scale", "bench", "paper"):
+        run = subprocess.run([sys.executable, "-X", "importtime", "-m", f"experiments.{name}",
+                              "--help"], capture_output=True, text=True, cwd=root, timeout=120)
+        assert run.returncode == 0, run.stderr
+        imported = {line.split("|")[-1].strip() for line in run.stderr.splitlines()
+                    if line.startswith("import time:")}
+        assert "jax" not in imported and "numpy" not in imported, name
+        assert f"usage: python -m experiments.{name}" in run.stdout
+    assert "\n    python -m experiments.sweep --full --seeds 256    # paper grid\n" in run_help(
+        root, "sweep")
+
+
+def run_help(root, name):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", f"experiments.{name}", "--help"],
+                          capture_output=True, text=True, cwd=root, timeout=120).stdout
+
+
+def test_sweep_cli_uses_or_refuses_explicit_values(monkeypatch, tmp_path):
+    from experiments import sweep
+
+    for bad in (["--t1", "0"], ["--seeds", "0"], ["--depths", "1"], ["--scales", "-1"]):
+        with pytest.raises(SystemExit):
+            sweep._parse(bad)
+    a = sweep._parse(["--t1", "5", "--seeds", "2"])
+    assert a.t1 == 5.0 and a.seeds == 2 and a.depths is None
+    # from Python: explicit values reach dd.sweep as given (0 is not replaced by the default)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_sweep(problem, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(sweep.dd, "sweep", fake_sweep)
+    with pytest.raises(Stop):
+        sweep.main(out=tmp_path, t1=0.0, seeds=0, depths=[], scales=[], progress=False)
+    assert seen["t1"] == 0.0 and seen["seeds"] == 0 and seen["depths"] == []
+    with pytest.raises(Stop):
+        sweep.main(out=tmp_path, progress=False)
+    assert seen["t1"] == sweep.QUICK["t1"] and seen["seeds"] == sweep.QUICK["seeds"]

@@ -1,4 +1,6 @@
 
+import warnings
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -301,3 +303,54 @@ def test_log_time_flow_and_the_loss_stop():
         dd.gradient_flow(jnp.asarray(u0), problem, t1=1.0, ts=jnp.ones(1), time="exp")
     with pytest.raises(ValueError, match="`stop_at_loss`"):
         dd.gradient_flow(jnp.asarray(u0), problem, t1=1.0, ts=jnp.ones(1), stop_at_loss=0.0)
+
+
+def test_float32_and_int_inputs_promoted_with_x64():
+    # x64 on: float32 (and int, list) inputs are converted exactly to float64, so the solve is
+    # the float64 one on the same values, to the bit (a float32 solve took ~10x the steps)
+    X, y = random_problem(3, 6, 4)
+    X32, y32 = X.astype(np.float32), y.astype(np.float32)
+    u32 = random_layers(3, 3, 4).astype(np.float32)
+    ts = jnp.linspace(0, 5, 6)
+    f32 = dd.gradient_flow(u32, dd.LeastSquares(X32, y32), t1=5.0, ts=ts)
+    f64 = dd.gradient_flow(u32.astype(np.float64),
+                           dd.LeastSquares(X32.astype(np.float64), y32.astype(np.float64)),
+                           t1=5.0, ts=ts)
+    assert f32.theta.dtype == jnp.float64 and f32.layers0.dtype == jnp.float64
+    np.testing.assert_array_equal(f32.theta, f64.theta)
+    assert int(f32.num_steps) == int(f64.num_steps)
+    ints = dd.gradient_flow([[1, 2, 1, 1], [1, 1, -1, 2], [2, 1, 1, 1]], dd.LeastSquares(X, y),
+                            t1=0.1, ts=[0.0, 0.1])
+    assert ints.theta.dtype == jnp.float64 and bool(ints.ok)
+
+
+def test_out_of_steps_names_round_off_tolerances():
+    X, y = random_problem(0, 6, 4)
+    u0, p, ts = random_layers(0, 3, 4), dd.LeastSquares(X, y), jnp.linspace(0, 5, 3)
+    # rtol far below float64's resolution: round-off rejects the steps, the likely cause
+    with pytest.warns(RuntimeWarning, match=r"`rtol`=1e-17 is below .*resolution of float64"):
+        dd.gradient_flow(u0, p, t1=5.0, ts=ts, rtol=1e-17, atol=1e-20, max_steps=64)
+    # an ordinary rtol with a small step cap: the usual advice, no round-off diagnosis
+    with pytest.warns(RuntimeWarning, match="Increase `max_steps`") as w:
+        dd.gradient_flow(u0, p, t1=5.0, ts=ts, max_steps=4)
+    assert not any("resolution" in str(m.message) for m in w)
+
+
+def test_unreached_stop_tolerance_warns():
+    X, y = random_problem(1, 8, 4)  # n > dim: L* > 0 and grad L = 0 only at the minimiser
+    p, u0, ts = dd.LeastSquares(X, y), random_layers(1, 2, 4), jnp.linspace(0, 20, 21)
+    with pytest.warns(RuntimeWarning, match="`stop_when_converged`=1e-30 was not reached"):
+        traj = dd.gradient_flow(u0, p, t1=20.0, ts=ts, stop_when_converged=1e-30)
+    # independent of the flag: ||grad L||_inf, by the closed-form gradient, stayed above it
+    grads = np.abs(2 * (X @ np.asarray(traj.theta).T - y[:, None]).T @ X).max(axis=1)
+    assert grads.min() > 1e-30 and float(traj.t_final) == 20.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stopped = dd.gradient_flow(u0, p, t1=20.0, ts=ts, stop_when_converged=1e-3)
+    g = 2 * X.T @ (X @ np.asarray(stopped.theta[-1]) - y)
+    assert float(stopped.t_final) < 20.0 and np.abs(g).max() <= 1e-3 * (1 + 1e-6)
+
+
+def test_vector_valued_loss_refused_naming_problem():
+    with pytest.raises(TypeError, match="`problem` must return a scalar loss.*shape \\(3,\\)"):
+        dd.gradient_flow(jnp.ones((2, 3)), lambda th: th**2, t1=1.0, ts=[0.0, 1.0])

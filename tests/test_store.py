@@ -94,6 +94,13 @@ def test_load_sweep_complete_partial_duplicate_conflicting(folder, tmp_path):
         dd.load_sweep(dup)
     with pytest.raises(FileNotFoundError):
         dd.load_sweep(tmp_path / "nothing")
+    # a folder holding the sweep in a subfolder (the CLI's OUT/chunks) is read from there;
+    # with several such subfolders the error names them
+    cli = tmp_path / "cli_out"
+    shutil.copytree(out, cli / "chunks")
+    np.testing.assert_array_equal(dd.load_sweep(cli).theta, res.theta)
+    with pytest.raises(FileNotFoundError, match="subfolders .*dup.*part"):
+        dd.load_sweep(tmp_path)
 
 
 def test_manifest_guards_the_folder(folder):
@@ -101,6 +108,12 @@ def test_manifest_guards_the_folder(folder):
     m = json.loads((out / "manifest.json").read_text())
     assert m["spec"]["chunk"] == 4 and sorted(m["order"]) == list(range(12))
     assert {"ddln_jax", "jax", "diffrax"} <= set(m["versions"])
+    # another sweep in the folder: refused, naming what differs (as stored there, as asked)
+    p = dd.LeastSquares(jr.normal(jr.key(1), (8, 4)), jr.normal(jr.key(2), (8,)))
+    with pytest.raises(ValueError, match=r"different sweep: `t1` is 10.0 there, 20.0 here"):
+        dd.sweep(p, out=out, **{**KW, "t1": 20.0, "ts": jnp.linspace(0.0, 20.0, 11)})
+    with pytest.raises(ValueError, match=r"`stop_when_converged` is null there, 1e-06 here"):
+        dd.sweep(p, out=out, stop_when_converged=1e-6, **KW)
 
 
 def test_to_xarray_and_netcdf(folder, tmp_path):

@@ -75,8 +75,8 @@ def test_problem_per_seed():
         k = jr.fold_in(jr.key(7), seed)
         return dd.LeastSquares(jr.normal(k, (6, 3)), jr.normal(jr.fold_in(k, 1), (6,)))
 
-    res = dd.sweep(make, depths=[2, 3], scales=[1.0], seeds=[3, 4], t1=5.0, ts=TS[:6],
-                   progress=False, key=jr.key(0))
+    res = dd.sweep(dd.per_seed(make), depths=[2, 3], scales=[1.0], seeds=[3, 4], t1=5.0,
+                   ts=TS[:6], progress=False, key=jr.key(0))
     for b in range(4):
         single = dd.gradient_flow(res.initial_layers(b), make(int(res.seed[b])), t1=5.0,
                                   ts=TS[:6])
@@ -142,7 +142,7 @@ def _per_seed(seed):
 def test_stiffness_detection_hands_over_early(per_seed):
     # a large init is stiff after its transient: Hairer's test (h x stiff eigenvalue at the
     # stability boundary) hands it to the batched Kvaerno5 long before the explicit budget
-    p = _per_seed if per_seed else _problem()
+    p = dd.per_seed(_per_seed) if per_seed else _problem()
     kw = {**KW, "depths": [3], "scales": [2.2], "seeds": [0, 1, 2, 3],
           "stop_when_converged": 1e-9, "t1": 1000.0, "ts": jnp.linspace(0, 1000, 11)}
     res = dd.sweep(p, **kw)
@@ -251,7 +251,7 @@ def test_slot_array_size_does_not_change_bits(case):
     # these rows took other steps.
     kx, ky = jr.split(jr.key(3))
     n = {"gram": 10, "two_stage": 3, "per_seed_logistic": 12}[case]
-    p = (_logistic_per_seed if case == "per_seed_logistic"
+    p = (dd.per_seed(_logistic_per_seed) if case == "per_seed_logistic"
          else dd.LeastSquares(jr.normal(kx, (n, 8)), jr.normal(ky, (n,))))
     kw = dict(depths=[6], scales=[0.75, 1.25], seeds=64, t1=4.0, ts=jnp.linspace(0, 4.0, 5),
               progress=False, key=jr.key(0), workers=1, max_chunk=128)
@@ -421,6 +421,33 @@ def test_chunk_rows_in_chunk_order_whatever_the_arrivals():
             np.testing.assert_array_equal(part[k], expect[k])
         wide = np.isin(members, arrival[3:7]).any()
         assert part["num_steps"].dtype == (np.int64 if wide else np.int32)
+
+
+def test_failed_chunk_write_leaves_the_books_intact():
+    # `out` deleted during a run: writing a completed chunk fails; the error is that one
+    # (FileNotFoundError), and the save of the held rows that follows finds its books intact
+    # (it raised `KeyError: <chunk>` from the error handler, hiding the cause)
+    from ddln_jax._sweep._scheduler import Book
+    from ddln_jax._sweep._store import Store
+
+    class Gone(Store):
+        def write_chunk(self, c, arrays, partial=False):
+            raise FileNotFoundError(f"chunk {c}: folder deleted")
+
+    store = Gone(None, "test", 60.0)
+    book = Book(store, np.arange(4), 2, lambda c, raw, partial: dict(raw))
+    for c in (0, 1):
+        assert store.claim(c)
+        book.open(c)
+    gids = np.array([0, 1])
+    raw = dict(index=gids, theta=np.zeros((2, 3, 2)), num_steps=gids, ok=gids > 0,
+               result=gids, t_final=gids / 2.0, implicit=gids > 5)
+    book.spend(7, 9)
+    with pytest.raises(FileNotFoundError, match="folder deleted"):
+        book.add(raw)  # completes chunk 0
+    assert 0 in book.rows and 0 in book.carried and list(book.spent) == [7, 9]
+    with pytest.raises(FileNotFoundError, match="folder deleted"):
+        book.save_partial()
 
 
 def test_interrupt_saves_at_once_and_again_with_later_rows():

@@ -75,3 +75,14 @@ def test_save_refuses_pytree_layers(tmp_path):
                             parameterization=dd.difference(2))
     with pytest.raises(TypeError, match="layers"):
         traj.save(tmp_path / "pytree")
+
+
+def test_steps_hint_names_the_dtype_resolution():
+    from ddln_jax._trajectory import steps_hint
+
+    # float32: eps 1.2e-7, so rtol 1e-8 is below its resolution; float64 (eps 2.2e-16) not
+    assert "`rtol`=1e-08 is below" in steps_hint(np.float32, 1e-8)
+    assert "turn on float64" in steps_hint(np.float32, 1e-8)
+    assert steps_hint(np.float64, 1e-8).startswith("Increase `max_steps`")
+    assert "float64 (eps = 2.2e-16)" in steps_hint(np.float64, 1e-15)
+    assert "tolerances `rtol`/`atol` near" in steps_hint(np.float64)  # rtol not known

@@ -1,4 +1,4 @@
-"""Sweeps over depth x scale x seed in compiled, vmapped calls (DESIGN §5).
+"""Sweeps over depth x scale x seed in compiled, vmapped calls (README: sweeps).
 
 - `_rows`: grid points to initial states, finished slots to result rows.
 - `_methods`: the fused explicit Tsit5 (worker threads) and the structured Kvaerno5 for stiff
@@ -8,6 +8,7 @@
 - `_result`: `SweepResult`, assembled from the chunks; xarray / netCDF.
 """
 
+from ._check import per_seed as per_seed
 from ._result import SweepResult as SweepResult
 from ._result import load_sweep as load_sweep
 from ._sweep import sweep as sweep

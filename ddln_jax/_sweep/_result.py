@@ -248,12 +248,22 @@ def load_sweep(out) -> SweepResult:
     number of processes), complete or not: rows not computed yet have `done` False and NaN
     values (-1 for integers, False for flags).
 
-    **Raises:** `FileNotFoundError` when `out` holds no sweep; `ValueError` when two files
-    hold different results for one grid point (exact duplicates are fine)."""
-    path = Path(out) / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"no sweep in {str(out)!r} (no {MANIFEST}).")
-    return assemble_from(json.loads(path.read_text()), Store(out, "load", 0.0))
+    A folder that holds no sweep itself but exactly one in a subfolder (the sweep CLI's
+    `--out` keeps it in `OUT/chunks`) is read from there.
+
+    **Raises:** `FileNotFoundError` when `out` holds no sweep (naming the subfolders that
+    do, if several); `ValueError` when two files hold different results for one grid point
+    (exact duplicates are fine)."""
+    folder = Path(out)
+    if not (folder / MANIFEST).exists():
+        inner = (sorted(p.parent for p in folder.glob(f"*/{MANIFEST}"))
+                 if folder.is_dir() else [])
+        if len(inner) != 1:
+            where = (f"; its subfolders {[str(p) for p in inner]} hold one each: pass one"
+                     if inner else "")
+            raise FileNotFoundError(f"no sweep in `out`={str(out)!r} (no {MANIFEST}){where}.")
+        folder = inner[0]
+    return assemble_from(json.loads((folder / MANIFEST).read_text()), Store(folder, "load", 0.0))
 
 
 def assemble_from(manifest: dict, store: Store, tries: int = 5,

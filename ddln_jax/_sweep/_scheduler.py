@@ -11,6 +11,7 @@ over the leases that expire (their process died)."""
 import sys
 import threading
 import time
+import warnings
 
 import numpy as np
 
@@ -112,17 +113,19 @@ class Book:
         # the retirements' copies and the stepping's freed buffers (once a second at most)
         release_free_memory(1.0)
 
-    def _file(self, c: int, partial: bool, share=None, keep: bool = False) -> dict:
+    def _write(self, c: int, partial: bool, share=None, keep: bool = False) -> None:
+        """Write chunk `c`'s file; the stepping it accounts for is taken off the books only
+        once the file is written (a failed write leaves them as they were)."""
         share = self.spent.copy() if share is None else share
         spent = self.carried[c] + share
+        self.store.write_chunk(c, dict(self.write(c, self.rows[c].stacked(), partial),
+                                       work=spent[0], slot_iters=spent[1]), partial)
         if not keep:
             self.spent -= share
             del self.carried[c]
-        return dict(self.write(c, self.rows[c].stacked(), partial), work=spent[0],
-                    slot_iters=spent[1])
 
     def _complete(self, c: int, share=None) -> None:
-        self.store.write_chunk(c, self._file(c, False, share))
+        self._write(c, False, share)
         self.store.log(f"chunk {c} rows {len(self.members(c))}")
         self.store.release(c)
         self.written.append(c)
@@ -136,7 +139,7 @@ class Book:
             share = self.spent.copy()  # (the stepping not yet in a file, with the first)
             for c, rows in list(self.rows.items()):
                 if rows:
-                    self.store.write_chunk(c, self._file(c, True, share, keep), True)
+                    self._write(c, True, share, keep)
                     share = np.zeros_like(share)
             if not keep:
                 self.rows.clear()
@@ -201,9 +204,13 @@ class Scheduler:
                     break
                 if not claimed:  # the rest is held by others: wait for them or their expiry
                     time.sleep(self.poll)
-        except BaseException:
+        except BaseException as e:
             stop.set()
-            self.book.save_partial()
+            try:
+                self.book.save_partial()
+            except OSError as save_error:  # (e.g. `out` deleted): the original error stands
+                warnings.warn(f"sweep: could not save the finished rows after {e!r}: "
+                              f"{save_error}", RuntimeWarning, stacklevel=2)
             raise
         finally:
             renewing.set()

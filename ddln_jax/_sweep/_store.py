@@ -115,6 +115,28 @@ class LazyChunk(Mapping):
             return len(f.files)
 
 
+def _short(v) -> str:
+    text = json.dumps(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _differences(there: dict | None, here: dict | None) -> str:
+    """': `t1` is 10.0 there, 20.0 here' for the fields of two sweep specs that differ."""
+    if not isinstance(there, dict) or here is None:
+        return ""
+    here = json.loads(json.dumps(here))  # as stored (tuples as lists, ...)
+    names = [k for k in sorted(set(there) | set(here)) if there.get(k) != here.get(k)]
+    if not names:
+        return ""
+    return ": " + "; ".join(f"{_ARGUMENT.get(k, f'`{k}`')} is {_short(there.get(k))} there, "
+                            f"{_short(here.get(k))} here" for k in names)
+
+
+# spec fields under another name than `sweep`'s argument
+_ARGUMENT = {"gtol": "`stop_when_converged`", "chunk": "`max_chunk`",
+             "problem": "the problem's data (`problem`, a fingerprint)"}
+
+
 class Store:
     """The results folder `path` (None: kept in memory, one process, no leases)."""
 
@@ -138,9 +160,10 @@ class Store:
                 pass
 
     # ---- manifest ----
-    def manifest(self, spec_hash: str, make) -> dict:
+    def manifest(self, spec_hash: str, make, spec: dict | None = None) -> dict:
         """The folder's manifest; `make()` builds it when there is none (one process does:
-        the others wait for it). Raises if the folder holds another sweep."""
+        the others wait for it). Raises if the folder holds another sweep (naming the
+        fields of `spec` that differ)."""
         if self.path is None:
             return make()
         mpath, lock = self.path / MANIFEST, self.path / "manifest.lock"
@@ -148,8 +171,9 @@ class Store:
             if mpath.exists():
                 m = json.loads(mpath.read_text())
                 if m["hash"] != spec_hash:
-                    raise ValueError(f"`out`={str(self.path)!r} holds a different sweep; use "
-                                     "another folder or delete it.")
+                    raise ValueError(f"`out`={str(self.path)!r} holds a different sweep"
+                                     f"{_differences(m.get('spec'), spec)}; use another "
+                                     "folder or delete it.")
                 return m
             try:
                 os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))

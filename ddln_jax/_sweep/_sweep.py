@@ -20,7 +20,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .._loss import LeastSquares, as_problem
-from .._validate import check_depth, check_times, check_tolerances
+from .._validate import check_times, check_tolerances
+from ._check import check_grid, check_key, check_out, check_steps, resolve_problem
 from ._diffrax_method import diffrax_method
 from ._drive import Stats
 from ._methods import Methods, StoppableQueue
@@ -29,24 +30,6 @@ from ._rows import INITS, derived, make_rows, problem_rows
 from ._scheduler import Book, Scheduler
 from ._slots import BUDGET, SLOT_QUANTUM
 from ._store import Store
-
-
-def check_grid(depths, scales, seeds):
-    """The grid's axes as lists; an int `seeds` n means `range(n)`."""
-    depths = [check_depth(int(L)) for L in np.atleast_1d(depths)]
-    scales = [float(s) for s in np.atleast_1d(scales)]
-    if isinstance(seeds, (int, np.integer)):
-        if seeds < 1:
-            raise ValueError(f"`seeds` as an int is a number of seeds (range(seeds)): must be "
-                             f">= 1, got {seeds}.")
-        seeds = range(int(seeds))
-    seeds = [int(s) for s in np.atleast_1d(np.asarray(list(seeds) if isinstance(
-        seeds, range) else seeds))]
-    if not depths or not scales or not seeds:
-        raise ValueError("`depths`, `scales` and `seeds` must not be empty.")
-    if min(scales) < 0 or not np.all(np.isfinite(scales)):
-        raise ValueError(f"`scales` must be finite and >= 0, got {scales}.")
-    return depths, scales, seeds
 
 
 def _devices(B, T, dim, max_depth, max_slots, memory_budget, workers):
@@ -146,32 +129,35 @@ def sweep(problem, *, depths, scales, seeds, t1, ts, init: str = "gaussian", t0=
           memory_budget: int = 2**30, max_chunk: int = 256, max_slots: int | None = None,
           workers: int | None = None, explicit_max_steps: int = 2**16, max_steps: int = 2**20,
           pilot: bool = False, progress: bool = True, lease_timeout: float = 120.0,
-          solver=None, key) -> SweepResult:
+          solver=None, dim: int | None = None, key) -> SweepResult:
     """Gradient flows over the grid depths x scales x seeds, in compiled, vmapped chunks.
 
     **Arguments:**
 
-    - `problem`: a fixed problem (e.g. `dd.LeastSquares(X, y)`) or a function
-        `seed -> problem` (traceable: built inside `jax.vmap`).
-    - `depths`, `scales`, `seeds`: the grid (ints >= 2, floats >= 0, ints; an int `seeds` n
-        means `range(n)`).
+    - `problem`: a fixed problem (e.g. `dd.LeastSquares(X, y)`); a differentiable loss
+        theta -> scalar (give `dim=`); or `dd.per_seed(fn)` for a function `seed -> problem`
+        (traceable: built inside `jax.vmap`). A plain function is always a loss: a
+        `seed -> problem` function must be wrapped.
+    - `depths`, `scales`, `seeds`: the grid, each value once (ints >= 2, floats >= 0 — a 0
+        warns: all-zero layers do not move —, ints; an integer-valued number n of any type
+        for `seeds` means `range(n)`). Non-integer depths or seeds are refused, not rounded.
     - `t1`, `ts`, `t0`, `rtol`, `atol`: as `gradient_flow`.
     - `init`: "gaussian" (scale * N(0, 1)) or "zero_first" (first layer 0). The init of a grid
         point is drawn from `fold_in(key, seed)`: the first `depth` rows of a
         `max(depths)`-row draw, so it does not depend on the rest of the grid.
     - `stop_when_converged`: gradient tolerance of the steady-state stop (None: off).
-    - `out`: a folder (on a filesystem shared by all processes). The grid is cut into fixed
-        chunks of `max_chunk` points (the work units); each finished chunk is written there
+    - `out`: a folder (on a filesystem shared by all processes; created if missing; an existing
+        file, an unwritable place or a folder of another sweep is an error). The grid is cut into
+        fixed chunks of `max_chunk` points (the work units); each finished chunk is written there
         atomically, and any number of processes (one `sweep` call each, on any hosts, with or
         without `jax.distributed`) share the work through lease files; a rerun resumes. On an
-        interrupt (Ctrl-C) or an error the finished rows of the chunks in flight are saved
-        too. `load_sweep(out)` reads the folder, complete or not. Needed with several
-        processes.
+        interrupt (Ctrl-C) or an error the finished rows of the chunks in flight are saved too.
+        `load_sweep(out)` reads the folder, complete or not. Needed with several processes.
     - `memory_budget`: bytes for the slots (saved trajectories and solver state); caps the
         number of explicit slots (the stiff members' array adds 4 slots on a CPU, an eighth
-        of the explicit ones per accelerator). It does not cover the result itself (held
-        once: chunks are merged into it field by field, each freed once copied) nor JAX's
-        compiled programs.
+        of the explicit ones per accelerator, at least 16). It does not cover the result
+        itself (held once: chunks are merged into it field by field, each freed once copied)
+        nor JAX's compiled programs.
     - `max_slots`: most trajectories stepped at once (over this process's devices).
         Default: 128 per worker on a CPU (the cost per slot-step is lowest while a slot array
         fits the core's cache), 16384 per accelerator.
@@ -183,7 +169,8 @@ def sweep(problem, *, depths, scales, seeds, t1, ts, init: str = "gaussian", t0=
     - `explicit_max_steps`: Tsit5 step budget per trajectory. Stiff members (Hairer's test,
         when the whole trajectory would take over 2^14 explicit steps) and those that
         exhaust it continue with Kvaerno5 from where they stopped (up to
-        `max_steps` in all), in a 4-slot array (16 per accelerator) refilled as they finish.
+        `max_steps` in all), in their own array (its size: `memory_budget`) refilled as they
+        finish. An int >= 1.
     - `pilot`: first estimate every trajectory's cost with a loose-tolerance run and queue
         the longest first (fewer slots idle at the end; costs an extra ~half run).
     - `progress`: a progress bar over trajectories (and "resuming: k of B done").
@@ -195,30 +182,31 @@ def sweep(problem, *, depths, scales, seeds, t1, ts, init: str = "gaussian", t0=
         own `step` with diffrax's `PIDController` (as `gradient_flow` with `solver=`),
         landing on the save times, with no hand-over and a budget of `max_steps`
         (`explicit_max_steps` is not used).
-    - `key`: base PRNG key of the inits (required: the same key gives the same grid).
+    - `dim`: the number of coordinates of theta, for a loss without a design matrix `X`
+        (a problem with `X` needs none).
+    - `key`: base PRNG key of the inits, e.g. `jax.random.key(0)` (required: the same key
+        gives the same grid).
 
     **Returns:** a `SweepResult` in grid order (all of the grid, whichever process ran it).
 
     **Raises:** `ValueError`/`TypeError` on bad arguments; `KeyboardInterrupt` after saving.
     """
     depths, scales, seeds = check_grid(depths, scales, seeds)
+    key = check_key(key)
     _release_compiled_code()
     if init not in INITS:
         raise ValueError(f"`init` must be one of {INITS}, got {init!r}.")
     t0, t1, ts = check_times(t0, t1, ts)
     check_tolerances(rtol, atol, max_steps)
+    check_steps(explicit_max_steps, max_steps)
     if max_chunk < 1 or memory_budget < 1 or lease_timeout <= 0:
         raise ValueError("`max_chunk`, `memory_budget` and `lease_timeout` must be > 0.")
-    batched = not (hasattr(problem, "loss") and callable(problem.loss))
-    if batched and not callable(problem):
-        raise TypeError("`problem` must be a problem object or a function seed -> problem.")
     if out is None and jax.process_count() > 1:
         raise ValueError("several processes (`jax.distributed`) share a sweep through `out`: "
                          "pass a folder on a shared filesystem.")
-    sample = as_problem(problem(seeds[0]) if batched else problem)
-    if not hasattr(sample, "X"):
-        raise TypeError("`sweep` needs a problem with a design matrix `X` (to know `dim`).")
-    plan = _Plan(problem, batched, depths, scales, seeds, key, init, int(sample.X.shape[1]))
+    out = check_out(out)
+    problem, batched, sample, dim = resolve_problem(problem, dim, seeds)
+    plan = _Plan(problem, batched, depths, scales, seeds, key, init, dim)
     gtol = None if stop_when_converged is None else float(stop_when_converged)
     method_solver = None if solver is None else diffrax_method(solver).solver
     if method_solver is not None:  # no hand-over: one budget
@@ -250,7 +238,7 @@ def sweep(problem, *, depths, scales, seeds, t1, ts, init: str = "gaussian", t0=
                  if pilot and plan.B >= 64 else np.arange(plan.B))  # small: one batch anyway
         return {"hash": digest, "spec": spec, "order": order.tolist(), "versions": _versions()}
 
-    manifest = store.manifest(digest, make_manifest)
+    manifest = store.manifest(digest, make_manifest, spec)
     tsn = np.asarray(ts)
     book = Book(store, np.asarray(manifest["order"], np.int64), chunk,
                 lambda c, raw, partial: plan.chunk_file(raw, tsn, chunk, owner))
