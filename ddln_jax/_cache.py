@@ -51,9 +51,7 @@ def enable_compilation_cache(path=None, *, min_compile_time_secs: float = 0.0) -
     **Raises:** `ValueError` if `min_compile_time_secs` is negative or `path` is not a folder.
     """
     if not min_compile_time_secs >= 0:
-        raise ValueError(
-            f"`min_compile_time_secs` must be >= 0, got {min_compile_time_secs!r}."
-        )
+        raise ValueError(f"`min_compile_time_secs` must be >= 0, got {min_compile_time_secs!r}.")
     folder = default_cache_dir() if path is None else Path(path).expanduser()
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"`path` {str(folder)!r} exists and is not a folder.")

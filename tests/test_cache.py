@@ -39,12 +39,25 @@ print(json.dumps({"before": before, "after_import": after_import,
 
 
 def _child(path, enable=True, **env):
-    full = {k: v for k, v in os.environ.items()
-            if k not in ("DDLN_JAX_CACHE", "DDLN_JAX_NO_CACHE", "JAX_COMPILATION_CACHE_DIR")}
+    full = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DDLN_JAX_CACHE", "DDLN_JAX_NO_CACHE", "JAX_COMPILATION_CACHE_DIR")
+    }
     full.update(JAX_PLATFORMS="cpu", **env)
-    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(
-        {"path": None if path is None else str(path), "enable": enable})],
-        env=full, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _CHILD,
+            json.dumps({"path": None if path is None else str(path), "enable": enable}),
+        ],
+        env=full,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
