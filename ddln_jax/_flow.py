@@ -11,7 +11,14 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._solve import diffeq, layer_vector_field, prepare_inputs, resolve_solver, warn_if_stationary
+from ._solve import (
+    diffeq,
+    layer_vector_field,
+    prepare_inputs,
+    resolve_solver,
+    stationary_signal,
+    warn_if_stationary,
+)
 from ._trajectory import Trajectory, make_trajectory, warn_if_failed
 from ._validate import check_gtol, check_times, check_tolerances, is_traced
 
@@ -49,7 +56,9 @@ def _solve_layers(
         vf, y0, problem, t0=t0, t1=t1, ts=ts, solver=solver, rtol=rtol, atol=atol,
         max_steps=max_steps, gtol=gtol,
     )
-    return make_trajectory(ts, *out, layers0, problem, parameterization)
+    traj = make_trajectory(ts, *out, layers0, problem, parameterization)
+    # in the same program: a public call is one compiled program, no eager work around it
+    return traj, stationary_signal(layers0, problem, parameterization)
 
 
 def gradient_flow(
@@ -97,10 +106,10 @@ def gradient_flow(
     t0, t1, ts = check_times(t0, t1, ts)
     check_tolerances(rtol, atol, max_steps)
     gtol = check_gtol(stop_when_converged)
-    warn_if_stationary(layers0, problem, parameterization, "gradient_flow")
-    traj = _solve_layers(
+    traj, stationary = _solve_layers(
         layers0, problem, t0, t1, ts, resolve_solver(solver), jnp.asarray(rtol),
         jnp.asarray(atol), max_steps, parameterization, gtol,
     )
+    warn_if_stationary(stationary, "gradient_flow")
     warn_if_failed(traj)
     return traj

@@ -50,6 +50,16 @@ class AbstractMirrorMap(eqx.Module):
     def domain(self):
         """`(lo, hi)`: per-coordinate open interval of admissible xi (bounded for L >= 3)."""
 
+    def psi_and_dual(self, xi, lo, hi):
+        """`(Psi(xi), Q*(xi))` for `xi` inside the domain `(lo, hi)` (as `domain()` gives it):
+        what the dual Newton of `dd.implicit_bias` evaluates at each trial point. Q*(xi) is
+        `self.dual(xi)` where the map has one, else <xi, Psi(xi)> - Q(Psi(xi)). A map may
+        share work between the two (`MirrorMap` solves for Psi once)."""
+        theta = self.psi(xi)
+        if hasattr(self, "dual"):
+            return theta, self.dual(xi)
+        return theta, jnp.sum(xi * theta) - self.q(theta)
+
     def bregman(self, theta, theta_ref):
         """D_Q(theta, theta_ref) = Q(theta) - Q(theta_ref) - <grad Q(theta_ref), theta - ref>."""
         return (
@@ -210,6 +220,18 @@ class MirrorMap(AbstractMirrorMap):
             lo, hi = self.domain()
             val = jnp.where(jnp.any((xi >= hi) | (xi <= lo)), jnp.inf, val)
         return val
+
+    def psi_and_dual(self, xi, lo, hi):
+        # one solve for z(xi) serves both, and the domain is computed once by the caller:
+        # the same operations as `psi` and `dual`, so the same values
+        v = self._v(self._z_of_xi(xi))
+        theta = self._theta_of_v(v)
+        val = jnp.sum(0.5 * (v**2 - self.a**2))
+        if self.depth > 2:
+            theta = jnp.where(xi >= hi, jnp.inf, theta)
+            theta = jnp.where(xi <= lo, -jnp.inf, theta)
+            val = jnp.where(jnp.any((xi >= hi) | (xi <= lo)), jnp.inf, val)
+        return theta, val
 
     @eqx.filter_jit
     def metric(self, theta):
