@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
-from scipy.optimize import linprog
 
 from ._loss import LeastSquares, _check_data
 from ._mirror import AbstractMirrorMap, MirrorMap, TiedMirrorMap
@@ -163,7 +162,7 @@ def _independent_rows(X, y):
     if r == Xn.shape[0]:
         return None, None
     dtype = np.asarray(X).dtype
-    return jnp.asarray((S[:r, None] * Vt[:r]).astype(dtype)), jnp.asarray(U[:, :r].astype(dtype))
+    return jax.device_put(((S[:r, None] * Vt[:r]).astype(dtype), U[:, :r].astype(dtype)))
 
 
 def _mirror_for(layers0, parameterization, dim):
@@ -305,6 +304,8 @@ def min_l2_interpolator(X, y) -> Float[Array, " dim"]:
 def min_l1_interpolator(X, y) -> Float[Array, " dim"]:
     """argmin ||theta||_1 s.t. X theta = y, as a linear program (scipy HiGHS) in
     theta = p - q, p, q >= 0."""
+    from scipy.optimize import linprog  # (lazy: scipy.optimize costs ~0.5 s to import)
+
     X, y = _check_data(X, y)
     Xn, yn = np.asarray(X, float), np.asarray(y, float)
     n, d = Xn.shape

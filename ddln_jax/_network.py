@@ -132,7 +132,7 @@ def check_assumption_a(
     layers0 = check_layers(layers0)
     # concrete layers: numpy on the host (the same exact operations, no program to compile)
     xp = jnp if is_traced(layers0) or is_traced(rtol) else np
-    a = xp.abs(np.asarray(layers0) if xp is np else layers0)
+    a = xp.abs(layers0 if xp is jnp else np.asarray(layers0))
     amin = xp.min(a, axis=0)
     scale = xp.maximum(xp.max(a, axis=0), xp.finfo(a.dtype).tiny)
     tied = a <= amin + rtol * scale
@@ -156,7 +156,7 @@ def check_assumption_a(
                 "`parameterization=dd.tied(L)` with `dd.TiedMirrorMap`, or `dd.init_yun` "
                 "(Corollary 1: one zero layer, the others alpha*ubar), which satisfies (A)."
             )
-    return jnp.asarray(ok)
+    return ok if xp is jnp else jax.device_put(ok)  # (put: `jnp.asarray` compiles)
 
 
 def to_reduced(
@@ -226,9 +226,10 @@ def _reduced_init_host(layers0: np.ndarray) -> ReducedInit:
     a = v0[0]
     deltas = v0[1:] ** 2 - a**2
     signs = np.where(v0[1:] >= 0, 1.0, -1.0).astype(v0.dtype)
-    k = jnp.asarray(k.astype(jnp.result_type(int)))
-    return ReducedInit(k=k, a=jnp.asarray(a), deltas=jnp.asarray(deltas),
-                       signs=jnp.asarray(signs), s=jnp.asarray(np.prod(signs, axis=0)))
+    # (put, not `jnp.asarray`: that compiles a small program per shape)
+    k, a, deltas, signs, s = jax.device_put(
+        (k.astype(jnp.result_type(int)), a, deltas, signs, np.prod(signs, axis=0)))
+    return ReducedInit(k=k, a=a, deltas=deltas, signs=signs, s=s)
 
 
 def theta_from_v1(v1, red: ReducedInit):
