@@ -172,16 +172,21 @@ class MirrorMap(AbstractMirrorMap):
         lo0, hi0 = -zmax, zmax
 
         def body(carry):
-            i, z, lo, hi, _ = carry
+            i, z, lo, hi, done = carry
             f = self._F(z) - target
             lo = jnp.where(f < 0, z, lo)
             hi = jnp.where(f > 0, z, hi)
             step = f / jnp.exp(self._log_h_nodes(z[None])[0])
             z_new = z - step
+            # a step below the tolerance has converged, even where rounding puts it on the
+            # bracket's edge (bisecting there restarted the search from the far end: ~50
+            # iterations more for every coordinate)
+            converged = (f == 0) | (jnp.abs(step) <= 1e-14 * (1 + jnp.abs(z)))
             inside = (z_new > lo) & (z_new < hi)
-            z_new = jnp.where(inside, z_new, 0.5 * (lo + hi))
-            done = (f == 0) | (jnp.abs(z_new - z) <= 1e-14 * (1 + jnp.abs(z)))
-            return i + 1, z_new, lo, hi, done
+            z_new = jnp.where(inside | converged, z_new, 0.5 * (lo + hi))
+            # a converged coordinate stays put: its value does not depend on the others'
+            z_new = jnp.where(done, z, z_new)
+            return i + 1, z_new, lo, hi, done | converged
 
         def cond(carry):
             i, _, _, _, done = carry
