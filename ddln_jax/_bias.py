@@ -243,16 +243,18 @@ def _newton(mirror, X, y, tol, max_steps, exact):
         return 64 * eps * xnorm * jnp.linalg.norm(m * (jnp.abs(xi) + 1.0))
 
     def cond(carry):
-        i, omega, _, _, m, r, stalled = carry
+        i, omega, _, _, m, r, stalled, first = carry
         target = jnp.maximum(tol * (1 + ynorm), attainable(omega, m))
-        return (i < max_steps) & (jnp.linalg.norm(r) > target) & ~stalled
+        return first | ((i < max_steps) & (jnp.linalg.norm(r) > target) & ~stalled)
 
     def body(carry):
-        # carried from the point accepted last: phi, theta, M(theta) and the residual there
-        i, omega, f0, _, m, r, _ = carry
+        # carried from the point accepted last: phi, theta, M(theta) and the residual there;
+        # the `first` pass evaluates the start (a zero step, accepted): the program then holds
+        # one copy of the evaluation (a Psi solve) and of M
+        i, omega, f0, _, m, r, _, first = carry
         hess = (X * m) @ X.T
         hess = hess + 1e-14 * jnp.trace(hess) / hess.shape[0] * jnp.eye(hess.shape[0])
-        step = -jnp.linalg.solve(hess, r)
+        step = jnp.where(first, 0.0, -jnp.linalg.solve(hess, r))
         slope = r @ step
         rnorm = jnp.linalg.norm(r)
 
@@ -261,7 +263,7 @@ def _newton(mirror, X, y, tol, max_steps, exact):
             armijo = fn <= f0 + 1e-4 * t * slope
             # near the optimum phi stalls at round-off: accept a smaller residual instead
             better = jnp.isfinite(fn) & (jnp.linalg.norm(res) < rnorm)
-            return t, k, fn, theta, res, armijo | better
+            return t, k, fn, theta, res, armijo | better | first
 
         def ls_cond(c):
             return (c[1] < 60) & ~c[-1]
@@ -274,20 +276,19 @@ def _newton(mirror, X, y, tol, max_steps, exact):
         xi, dxi = X.T @ omega, X.T @ step
         room = jnp.where(dxi > 0, (hi - xi) / dxi, jnp.where(dxi < 0, (lo - xi) / dxi, jnp.inf))
         t0 = jnp.minimum(1.0, 0.99 * jnp.min(room))
-        # the first trial (t0, 0) is the loop's first iteration (2 t0 halved: exact), so the
-        # program holds one copy of the evaluation
+        # the first trial (t0, 0) is the loop's first iteration (2 t0 halved: exact)
         start = (2.0 * t0, -1, f0, carry[3], r, False)
         t, k, fn, theta, res, _ = jax.lax.while_loop(ls_cond, ls_body, start)
         stalled = k >= 60  # no step decreases phi or the residual: round-off floor reached
         new = (omega + t * step, fn, theta, mirror.metric(theta), res)
         old = carry[1:6]
         keep = jax.tree_util.tree_map(lambda a, b: jnp.where(stalled, a, b), old, new)
-        return (i + 1, *keep, stalled)
+        return (i + jnp.where(first, 0, 1), *keep, stalled, False)
 
-    omega0 = jnp.zeros_like(y)
-    f0, theta0, r0 = evaluate(omega0)
-    init = (0, omega0, f0, theta0, mirror.metric(theta0), r0, False)
-    i, omega, _, theta, m, r, _ = jax.lax.while_loop(cond, body, init)
+    # (phi, theta, M and the residual are placeholders until the first pass)
+    ones = jnp.ones(X.shape[1], X.dtype)
+    init = (0, jnp.zeros_like(y), jnp.inf, ones, ones, jnp.zeros_like(y), False, True)
+    i, omega, _, theta, m, r, _, _ = jax.lax.while_loop(cond, body, init)
     rn = jnp.linalg.norm(r)
     # in float64 the round-off floor counts as converged; float32's floor (~1e-5) does not
     floor = attainable(omega, m) if exact else 0.0
