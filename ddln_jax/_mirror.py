@@ -150,8 +150,9 @@ class MirrorMap(AbstractMirrorMap):
         z0 = self._z(self.a)
         # int_a^inf and int_-inf^a (by symmetry, int_-a^inf) as one quadrature over the
         # coordinates twice (one program part instead of two)
-        twin = MirrorMap(a=jnp.tile(self.a, 2), deltas=jnp.tile(self.deltas, (1, 2)),
-                         s=jnp.tile(self.s, 2))
+        twin = MirrorMap(
+            a=jnp.tile(self.a, 2), deltas=jnp.tile(self.deltas, (1, 2)), s=jnp.tile(self.s, 2)
+        )
         both = _integrate(twin._log_h_nodes, jnp.concatenate([z0, -z0]), jnp.tile(zmax, 2))
         d = self.a.shape[-1]
         up, down = both[:d] + self._tail(big), both[d:] + self._tail(big)

@@ -113,8 +113,12 @@ ROWS = {
     "gradient_flow": ("", "", "dd.gradient_flow(u0, problem, t1=50.0, ts=ts)"),
     "diffrax": ("", _DIFFRAX, "plain(u0, X, y, ts)"),
     "implicit_bias": ("", "under = dd.LeastSquares(X[:3], y[:3])", "dd.implicit_bias(u0, under)"),
-    "sweep": ("", "", "dd.sweep(problem, depths=[2, 3, 4], scales=[0.5, 1.0], seeds=11, t1=50.0,"
-              " ts=ts, key=jr.key(0), progress=False).theta"),
+    "sweep": (
+        "",
+        "",
+        "dd.sweep(problem, depths=[2, 3, 4], scales=[0.5, 1.0], seeds=11, t1=50.0,"
+        " ts=ts, key=jr.key(0), progress=False).theta",
+    ),
     "metric": ("", "", "dd.metric(u0)"),
     "train": ("", "", "dd.train(u0, problem, 1e-2, steps=1000)"),
 }
@@ -141,15 +145,24 @@ def _child_code(name: str) -> str:
 def run_row(name: str, cache: str | None = None) -> dict:
     """One fresh process: its import time and, for a call, first/second call times and the
     first call's compiles."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("JAX_COMPILATION_CACHE_DIR", "DDLN_JAX_CACHE", "LATENCY_CACHE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("JAX_COMPILATION_CACHE_DIR", "DDLN_JAX_CACHE", "LATENCY_CACHE")
+    }
     env.update(DDLN_JAX_NO_CACHE="1", JAX_PLATFORMS=env.get("JAX_PLATFORMS", "cpu"))
     if cache is not None:
         env.pop("DDLN_JAX_NO_CACHE")
         env["LATENCY_CACHE"] = cache
     root = Path(__file__).parent.parent
-    out = subprocess.run([sys.executable, "-c", _child_code(name)], env=env, cwd=root,
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-c", _child_code(name)],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"row {name!r} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -167,9 +180,9 @@ def measure(names, repeat: int = 1, warm: bool = True) -> dict:
             with tempfile.TemporaryDirectory(prefix="ddln_latency_") as tmp:  # (own folder)
                 run_row(name, cache=tmp)  # fills the folder
                 rows[name]["warm_first"] = statistics.median(
-                    run_row(name, cache=tmp)["first"] for _ in range(repeat))
-        print(f"{name}: " + ", ".join(f"{k} {v:.3g}" for k, v in rows[name].items()),
-              flush=True)
+                    run_row(name, cache=tmp)["first"] for _ in range(repeat)
+                )
+        print(f"{name}: " + ", ".join(f"{k} {v:.3g}" for k, v in rows[name].items()), flush=True)
     return rows
 
 
@@ -189,26 +202,33 @@ def _ms(s: float) -> str:
 
 
 def table(rows: dict, met: dict) -> list[str]:
-    lines = ["| call | first call (CPU time) | second call (CPU time; best of 5 more) | first "
-             "call's compiles: n, trace / lower / XLA (s) | first call, warm cache |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| call | first call (CPU time) | second call (CPU time; best of 5 more) | first "
+        "call's compiles: n, trace / lower / XLA (s) | first call, warm cache |",
+        "|---|---|---|---|---|",
+    ]
     imp, base = rows.get("import ddln_jax"), rows.get("import jax, diffrax, equinox, optax")
     if imp and base:
-        lines.append(f"| `import ddln_jax` | {_ms(imp['import'])} (`import jax, diffrax, "
-                     f"equinox, optax`: {_ms(base['import'])}) | — | — | — |")
+        lines.append(
+            f"| `import ddln_jax` | {_ms(imp['import'])} (`import jax, diffrax, "
+            f"equinox, optax`: {_ms(base['import'])}) | — | — | — |"
+        )
     for name, label in LABELS.items():
         if name not in rows:
             continue
         r = rows[name]
         warm = _ms(r["warm_first"]) if "warm_first" in r else "—"
-        lines.append(f"| {label} | {_ms(r['first'])} ({_ms(r['first_cpu'])}) | "
-                     f"{_ms(r['second'])} ({_ms(r['second_cpu'])}; {_ms(r['best_later'])}) | "
-                     f"{r['compiles']:.0f},"
-                     f" {r['trace']:.2f} / {r['lower']:.2f} / {r['compile']:.2f} | {warm} |")
+        lines.append(
+            f"| {label} | {_ms(r['first'])} ({_ms(r['first_cpu'])}) | "
+            f"{_ms(r['second'])} ({_ms(r['second_cpu'])}; {_ms(r['best_later'])}) | "
+            f"{r['compiles']:.0f},"
+            f" {r['trace']:.2f} / {r['lower']:.2f} / {r['compile']:.2f} | {warm} |"
+        )
     lines += ["", "| target (issue 34) | measured | limit | met |", "|---|---|---|---|"]
     for label, m in met.items():
-        lines.append(f"| {label} | {m['value']:.3g} | {m['limit']:g} | "
-                     f"{'yes' if m['met'] else 'no'} |")
+        lines.append(
+            f"| {label} | {m['value']:.3g} | {m['limit']:g} | {'yes' if m['met'] else 'no'} |"
+        )
     return lines
 
 
@@ -221,9 +241,15 @@ def main(*, out="results/latency", names=None, repeat: int = 1, warm: bool = Tru
     lines = table(rows, met)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"rows": rows, "targets": met, "python": sys.version.split()[0],
-              "jax": jax.__version__, "cpus": os.cpu_count(), "repeat": repeat,
-              "wall_s": time.perf_counter() - start}
+    report = {
+        "rows": rows,
+        "targets": met,
+        "python": sys.version.split()[0],
+        "jax": jax.__version__,
+        "cpus": os.cpu_count(),
+        "repeat": repeat,
+        "wall_s": time.perf_counter() - start,
+    }
     (out / "latency.json").write_text(json.dumps(report, indent=2))
     (out / "latency.md").write_text("\n".join(lines) + "\n")
     report["files"] = [str(out / "latency.json"), str(out / "latency.md")]
@@ -232,12 +258,21 @@ def main(*, out="results/latency", names=None, repeat: int = 1, warm: bool = Tru
 
 
 if __name__ == "__main__":
-    cli = argparse.ArgumentParser(prog="python -m experiments.latency", description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli = argparse.ArgumentParser(
+        prog="python -m experiments.latency",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     cli.add_argument("--out", default="results/latency", help="output folder")
     cli.add_argument("--repeat", type=int, default=1, help="fresh processes per row (median)")
-    cli.add_argument("--rows", nargs="*", choices=list(ROWS), metavar="ROW", default=None,
-                     help=f"rows to measure (default all: {', '.join(ROWS)})")
+    cli.add_argument(
+        "--rows",
+        nargs="*",
+        choices=list(ROWS),
+        metavar="ROW",
+        default=None,
+        help=f"rows to measure (default all: {', '.join(ROWS)})",
+    )
     cli.add_argument("--no-warm", action="store_true", help="skip the warm-cache column")
     args = cli.parse_args()
     main(out=args.out, names=args.rows, repeat=args.repeat, warm=not args.no_warm)

@@ -81,3 +81,15 @@ def test_device_bench_checks_rows_and_keeps_to_its_budget(tmp_path):
     assert skip["B"] == 10**9 and skip["projected_s"] > skip["left_s"]
     saved = json.loads((tmp_path / "device_bench.json").read_text())
     assert [r["B"] for r in saved["rows"]] == [16] and saved["skipped"][0]["B"] == 10**9
+
+
+def test_latency_rows_run_in_fresh_processes(tmp_path):
+    # experiments.latency: each row a new process (cache off); the import ratio is a target
+    from experiments import latency
+
+    rep = latency.main(out=tmp_path, names=["import jax, diffrax, equinox, optax",
+                                            "import ddln_jax", "metric"], warm=False)
+    rows = rep["rows"]
+    assert rows["metric"]["first"] > rows["metric"]["best_later"] > 0
+    assert rows["metric"]["compiles"] >= 1 and "import" in rep["targets"]
+    assert (tmp_path / "latency.md").read_text().startswith("| call |")
