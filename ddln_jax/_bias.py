@@ -103,7 +103,8 @@ def implicit_bias(
             )
     Xr, U = _independent_rows(X, y)
     exact = X.dtype == jnp.float64
-    res = _solve(mirror, X, y, Xr, U, np.asarray(tol, X.dtype), max_steps, exact, lift)
+    tol = (jnp if is_traced(tol) else np).asarray(tol, X.dtype)  # (np: nothing compiled)
+    res = _solve(mirror, X, y, Xr, U, tol, max_steps, exact, lift)
     if not is_traced(res.converged) and not bool(res.converged):
         warnings.warn(
             f"implicit_bias: not converged (residual ||X theta - y|| = {float(res.residual):.3g}"
