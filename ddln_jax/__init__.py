@@ -7,6 +7,7 @@ from ._bias import implicit_bias as implicit_bias
 from ._bias import min_l1_interpolator as min_l1_interpolator
 from ._bias import min_l2_interpolator as min_l2_interpolator
 from ._bias import theorem1_bound as theorem1_bound
+from ._cache import enable_compilation_cache as enable_compilation_cache
 from ._discrete import sharpness as sharpness
 from ._discrete import train as train
 from ._flow import DEFAULT_MAX_STEPS as DEFAULT_MAX_STEPS

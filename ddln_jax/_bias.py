@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
-from scipy.optimize import linprog
 
 from ._loss import LeastSquares, _check_data
 from ._mirror import AbstractMirrorMap, MirrorMap, TiedMirrorMap
@@ -89,23 +88,23 @@ def implicit_bias(
     check_positive("tol", tol)
     lift = False
     if mirror is None:
+        # built on the host (numpy): no program is compiled for the mirror map's fields
         mirror, lift = _mirror_for(layers0, parameterization, X.shape[1])
     elif parameterization is not None:
         raise ValueError("pass either `mirror` or `parameterization`, not both.")
-    Xr, yr, U = _independent_rows(X, y)
-    Xs = jnp.concatenate([Xr, -Xr], axis=1) if lift else Xr
-    width = jnp.shape(mirror.grad_q(jnp.ones(Xs.shape[1])))[0]
-    if Xs.shape[1] != width:
-        raise ValueError(
-            f"`X` has {X.shape[1]} columns but the network has {width // (2 if lift else 1)} "
-            "coordinates: they must match."
-        )
+    else:
+        # the map's width without running it (nothing compiled)
+        probe = jax.ShapeDtypeStruct((X.shape[1],), jnp.result_type(float))
+        width = eqx.filter_eval_shape(lambda m, t: m.grad_q(t), mirror, probe).shape[0]
+        if X.shape[1] != width:
+            raise ValueError(
+                f"`X` has {X.shape[1]} columns but the network has {width} coordinates: "
+                "they must match."
+            )
+    Xr, U = _independent_rows(X, y)
     exact = X.dtype == jnp.float64
-    res = _newton(mirror, Xs, yr, jnp.asarray(tol, X.dtype), max_steps, exact)
-    theta = res.theta[: X.shape[1]] - res.theta[X.shape[1]:] if lift else res.theta
-    res = ImplicitBias(theta=theta, omega=U @ res.omega,
-                       residual=jnp.linalg.norm(X @ theta - y), iterations=res.iterations,
-                       converged=res.converged)
+    tol = (jnp if is_traced(tol) else np).asarray(tol, X.dtype)  # (np: nothing compiled)
+    res = _solve(mirror, X, y, Xr, U, tol, max_steps, exact, lift)
     if not is_traced(res.converged) and not bool(res.converged):
         warnings.warn(
             f"implicit_bias: not converged (residual ||X theta - y|| = {float(res.residual):.3g}"
@@ -142,10 +141,11 @@ def _problem_data(problem, y):
 
 
 def _independent_rows(X, y):
-    """An equivalent full-row-rank system (X_r = S_r V_r^T, y_r = U_r^T y) and U_r, or a
-    `ValueError` when X theta = y has no solution."""
+    """An equivalent full-row-rank system: `(X_r, U_r)` with X_r = S_r V_r^T (and y_r =
+    U_r^T y), or `(None, None)` when X has full row rank (or is traced); a `ValueError` when
+    X theta = y has no solution. On the host (numpy's SVD)."""
     if is_traced(X) or is_traced(y):
-        return X, y, jnp.eye(X.shape[0], dtype=X.dtype)
+        return None, None
     Xn, yn = np.asarray(X, float), np.asarray(y, float)
     U, S, Vt = np.linalg.svd(Xn, full_matrices=False)
     eps = np.finfo(np.asarray(X).dtype).eps
@@ -161,9 +161,9 @@ def _independent_rows(X, y):
             "remove dependent rows or fix `y`."
         )
     if r == Xn.shape[0]:
-        return X, y, jnp.eye(X.shape[0], dtype=X.dtype)
-    Ur = jnp.asarray(U[:, :r], X.dtype)
-    return jnp.asarray(S[:r, None] * Vt[:r], X.dtype), Ur.T @ y, Ur
+        return None, None
+    dtype = np.asarray(X).dtype
+    return jax.device_put(((S[:r, None] * Vt[:r]).astype(dtype), U[:, :r].astype(dtype)))
 
 
 def _mirror_for(layers0, parameterization, dim):
@@ -187,7 +187,8 @@ def _mirror_for(layers0, parameterization, dim):
         if not isinstance(layers0, (tuple, list)) or len(layers0) != 2:
             raise ValueError("with `dd.difference(L)`, `layers0` must be the pair `(u0, v0)`.")
         u0, v0 = (_vector("layers0", x, dim) for x in layers0)
-        return TiedMirrorMap(jnp.concatenate([u0, v0]), depth), True
+        both = (jnp.concatenate if is_traced(u0) or is_traced(v0) else np.concatenate)([u0, v0])
+        return TiedMirrorMap(both, depth), True
     raise ValueError(
         "`implicit_bias` knows the mirror maps of the product network, `dd.tied(L)` and "
         "`dd.difference(L)`; for another `parameterization` pass its `mirror` "
@@ -203,83 +204,97 @@ def _vector(name, x, dim):
 
 
 @eqx.filter_jit
+def _solve(mirror, X, y, Xr, U, tol, max_steps, exact, lift):
+    """The whole prediction as one compiled program: the equivalent system (`Xr`, U^T y;
+    `Xr`, `U` None: X itself), lifted to [Xr, -Xr] for the difference network, the dual
+    Newton, and theta, omega and the residual on the caller's system."""
+    n, d = X.shape
+    if Xr is None:
+        Xr, yr, U = X, y, jnp.eye(n, dtype=X.dtype)
+    else:
+        yr = U.T @ y
+    Xs = jnp.concatenate([Xr, -Xr], axis=1) if lift else Xr
+    res = _newton(mirror, Xs, yr, tol, max_steps, exact)
+    theta = res.theta[:d] - res.theta[d:] if lift else res.theta
+    return ImplicitBias(theta=theta, omega=U @ res.omega,
+                        residual=jnp.linalg.norm(X @ theta - y), iterations=res.iterations,
+                        converged=res.converged)
+
+
 def _newton(mirror, X, y, tol, max_steps, exact):
     lo, hi = mirror.domain()
     ynorm = jnp.linalg.norm(y)
 
-    def phi(omega):
+    def evaluate(omega):
+        """phi(omega) = Q*(X^T omega) - <y, omega> (+inf outside the domain), theta =
+        Psi(X^T omega) and the residual X theta - y: one solve for Psi serves all three."""
         xi = X.T @ omega
         inside = jnp.all((xi > lo) & (xi < hi))
         xi_safe = jnp.where(inside, xi, 0.0)
-        val = _dual(mirror, xi_safe) - y @ omega
-        return jnp.where(inside, val, jnp.inf)
-
-    def residual(omega):
-        return X @ mirror.psi(X.T @ omega) - y
+        theta, dual = mirror.psi_and_dual(xi_safe, lo, hi)
+        # (outside, theta and the residual are those at xi = 0: never used, as phi = inf)
+        return jnp.where(inside, dual - y @ omega, jnp.inf), theta, X @ theta - y
 
     eps = jnp.finfo(X.dtype).eps
     xnorm = jnp.linalg.norm(X)
 
-    def attainable(omega):
+    def attainable(omega, m):
         # rounding of xi (relative eps) moves theta by M eps |xi|, the residual by X of that
         xi = X.T @ omega
-        m = mirror.metric(mirror.psi(xi))
         return 64 * eps * xnorm * jnp.linalg.norm(m * (jnp.abs(xi) + 1.0))
 
     def cond(carry):
-        i, omega, r, stalled = carry
-        target = jnp.maximum(tol * (1 + ynorm), attainable(omega))
-        return (i < max_steps) & (jnp.linalg.norm(r) > target) & ~stalled
+        i, omega, _, _, m, r, stalled, first = carry
+        target = jnp.maximum(tol * (1 + ynorm), attainable(omega, m))
+        return first | ((i < max_steps) & (jnp.linalg.norm(r) > target) & ~stalled)
 
     def body(carry):
-        i, omega, r, _ = carry
-        theta = mirror.psi(X.T @ omega)
-        m = mirror.metric(theta)
+        # carried from the point accepted last: phi, theta, M(theta) and the residual there;
+        # the `first` pass evaluates the start (a zero step, accepted): the program then holds
+        # one copy of the evaluation (a Psi solve) and of M
+        i, omega, f0, _, m, r, _, first = carry
         hess = (X * m) @ X.T
         hess = hess + 1e-14 * jnp.trace(hess) / hess.shape[0] * jnp.eye(hess.shape[0])
-        step = -jnp.linalg.solve(hess, r)
-        f0 = phi(omega)
+        step = jnp.where(first, 0.0, -jnp.linalg.solve(hess, r))
         slope = r @ step
         rnorm = jnp.linalg.norm(r)
 
-        def ls_cond(c):
-            t, k = c
-            new = omega + t * step
-            fn = phi(new)
+        def try_step(t, k):
+            fn, theta, res = evaluate(omega + t * step)
             armijo = fn <= f0 + 1e-4 * t * slope
             # near the optimum phi stalls at round-off: accept a smaller residual instead
-            better = jnp.isfinite(fn) & (jnp.linalg.norm(residual(new)) < rnorm)
-            return (k < 60) & ~(armijo | better)
+            better = jnp.isfinite(fn) & (jnp.linalg.norm(res) < rnorm)
+            return t, k, fn, theta, res, armijo | better | first
+
+        def ls_cond(c):
+            return (c[1] < 60) & ~c[-1]
 
         def ls_body(c):
-            t, k = c
-            return 0.5 * t, k + 1
+            t, k = c[:2]
+            return try_step(0.5 * t, k + 1)
 
         # largest step keeping xi = X^T omega inside its domain (bounded for L >= 3)
         xi, dxi = X.T @ omega, X.T @ step
         room = jnp.where(dxi > 0, (hi - xi) / dxi, jnp.where(dxi < 0, (lo - xi) / dxi, jnp.inf))
         t0 = jnp.minimum(1.0, 0.99 * jnp.min(room))
-        t, k = jax.lax.while_loop(ls_cond, ls_body, (t0, 0))
+        # the first trial (t0, 0) is the loop's first iteration (2 t0 halved: exact)
+        start = (2.0 * t0, -1, f0, carry[3], r, False)
+        t, k, fn, theta, res, _ = jax.lax.while_loop(ls_cond, ls_body, start)
         stalled = k >= 60  # no step decreases phi or the residual: round-off floor reached
-        omega = jnp.where(stalled, omega, omega + t * step)
-        return i + 1, omega, residual(omega), stalled
+        new = (omega + t * step, fn, theta, mirror.metric(theta), res)
+        old = carry[1:6]
+        keep = jax.tree_util.tree_map(lambda a, b: jnp.where(stalled, a, b), old, new)
+        return (i + jnp.where(first, 0, 1), *keep, stalled, False)
 
-    omega0 = jnp.zeros_like(y)
-    i, omega, r, _ = jax.lax.while_loop(cond, body, (0, omega0, residual(omega0), False))
-    theta = mirror.psi(X.T @ omega)
-    rn = jnp.linalg.norm(X @ theta - y)
+    # (phi, theta, M and the residual are placeholders until the first pass)
+    ones = jnp.ones(X.shape[1], X.dtype)
+    init = (0, jnp.zeros_like(y), jnp.inf, ones, ones, jnp.zeros_like(y), False, True)
+    i, omega, _, theta, m, r, _, _ = jax.lax.while_loop(cond, body, init)
+    rn = jnp.linalg.norm(r)
     # in float64 the round-off floor counts as converged; float32's floor (~1e-5) does not
-    floor = attainable(omega) if exact else 0.0
+    floor = attainable(omega, m) if exact else 0.0
     ok = rn <= jnp.maximum(tol * (1 + ynorm), floor)
     return ImplicitBias(theta=theta, omega=omega, residual=rn, iterations=i, converged=ok)
-
-
-def _dual(mirror, xi):
-    """Q*(xi) = <xi, Psi(xi)> - Q(Psi(xi)) (exact formula where the map has one)."""
-    if hasattr(mirror, "dual"):
-        return mirror.dual(xi)
-    theta = mirror.psi(xi)
-    return jnp.sum(xi * theta) - mirror.q(theta)
 
 
 def min_l2_interpolator(X, y) -> Float[Array, " dim"]:
@@ -291,6 +306,8 @@ def min_l2_interpolator(X, y) -> Float[Array, " dim"]:
 def min_l1_interpolator(X, y) -> Float[Array, " dim"]:
     """argmin ||theta||_1 s.t. X theta = y, as a linear program (scipy HiGHS) in
     theta = p - q, p, q >= 0."""
+    from scipy.optimize import linprog  # (lazy: scipy.optimize costs ~0.5 s to import)
+
     X, y = _check_data(X, y)
     Xn, yn = np.asarray(X, float), np.asarray(y, float)
     n, d = Xn.shape

@@ -16,9 +16,11 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._loss import as_problem, check_batch_size, row_problem
 from ._network import theta as product_theta
-from ._solve import prepare_inputs, warn_if_stationary
+from ._solve import prepare_inputs, stationary_signal, warn_if_stationary
 from ._trajectory import RESULTS, Trajectory, make_trajectory, result_code, warn_if_failed
 from ._validate import check_int, check_key, check_positive, is_traced
+
+_stationary = eqx.filter_jit(stationary_signal)  # one small program, no eager work
 
 
 @eqx.filter_jit
@@ -123,7 +125,7 @@ def train(
         raise ValueError("`key` is required with `batch_size` (minibatches are random).")
     key = jr.key(0) if key is None else check_key("key", key)
     check_positive("blowup", blowup)
-    warn_if_stationary(layers0, problem, parameterization, "train")
+    warn_if_stationary(_stationary(layers0, problem, parameterization), "train")
     if isinstance(optimizer, optax.GradientTransformation):
         lr = None
         time_per_step = 1.0 if time_per_step is None else time_per_step

@@ -19,6 +19,7 @@ from ._solve import (
     log_time_vector_field,
     prepare_inputs,
     resolve_solver,
+    stationary_signal,
     warn_if_stationary,
 )
 from ._structured import structured_kvaerno5
@@ -79,8 +80,10 @@ def _solve_layers(
         missed = ok & (_log_loss(problem, parameterization(last)) > log_stop)
         result = jnp.where(missed, result_code(RESULTS.stop_not_reached), result)
         ok = ok & ~missed
-    return make_trajectory(ts, ys, result, num_steps, ok, t_final, layers0, problem,
+    traj = make_trajectory(ts, ys, result, num_steps, ok, t_final, layers0, problem,
                            parameterization)
+    # in the same program: a public call is one compiled program, no eager work around it
+    return traj, stationary_signal(layers0, problem, parameterization)
 
 
 def _log_loss(problem, th):
@@ -162,8 +165,7 @@ def gradient_flow(
     check_tolerances(rtol, atol, max_steps)
     gtol = check_gtol(stop_when_converged)
     log_stop, log_time = _check_stop_at_loss(stop_at_loss), _check_time(time)
-    warn_if_stationary(layers0, problem, parameterization, "gradient_flow")
-    traj = _solve_layers(
+    traj, stationary = _solve_layers(
         layers0, problem, t0, t1, ts,
         # (the structured Newton solve is the linear-time field's)
         resolve_solver(solver) if log_time else structured_kvaerno5(
@@ -171,6 +173,7 @@ def gradient_flow(
         jnp.asarray(rtol), jnp.asarray(atol), max_steps, parameterization, gtol, log_stop,
         log_time,
     )
+    warn_if_stationary(stationary, "gradient_flow")
     warn_if_failed(traj, hint=None if log_stop is None else (
         "A run that ended above `stop_at_loss` needs a larger `t1` (with `time='log'`, t1 "
         "is log(1 + t): t1 = 700 is t ~ 1e304); otherwise increase `max_steps` or use "

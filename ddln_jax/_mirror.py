@@ -51,6 +51,16 @@ class AbstractMirrorMap(eqx.Module):
     def domain(self):
         """`(lo, hi)`: per-coordinate open interval of admissible xi (bounded for L >= 3)."""
 
+    def psi_and_dual(self, xi, lo, hi):
+        """`(Psi(xi), Q*(xi))` for `xi` inside the domain `(lo, hi)` (as `domain()` gives it):
+        what the dual Newton of `dd.implicit_bias` evaluates at each trial point. Q*(xi) is
+        `self.dual(xi)` where the map has one, else <xi, Psi(xi)> - Q(Psi(xi)). A map may
+        share work between the two (`MirrorMap` solves for Psi once)."""
+        theta = self.psi(xi)
+        if hasattr(self, "dual"):
+            return theta, self.dual(xi)
+        return theta, jnp.sum(xi * theta) - self.q(theta)
+
     def bregman(self, theta, theta_ref):
         """D_Q(theta, theta_ref) = Q(theta) - Q(theta_ref) - <grad Q(theta_ref), theta - ref>."""
         return (
@@ -139,8 +149,14 @@ class MirrorMap(AbstractMirrorMap):
             return -inf, inf
         zmax, big = self._zmax()
         z0 = self._z(self.a)
-        up = self._F(zmax) + self._tail(big)  # int_a^inf
-        down = _integrate(self._log_h_nodes, -z0, zmax) + self._tail(big)  # int_-inf^a
+        # int_a^inf and int_-inf^a (by symmetry, int_-a^inf) as one quadrature over the
+        # coordinates twice (one program part instead of two)
+        twin = MirrorMap(
+            a=jnp.tile(self.a, 2), deltas=jnp.tile(self.deltas, (1, 2)), s=jnp.tile(self.s, 2)
+        )
+        both = _integrate(twin._log_h_nodes, jnp.concatenate([z0, -z0]), jnp.tile(zmax, 2))
+        d = self.a.shape[-1]
+        up, down = both[:d] + self._tail(big), both[d:] + self._tail(big)
         lo = jnp.where(self.s > 0, -down, -up)
         hi = jnp.where(self.s > 0, up, down)
         return lo, hi
@@ -163,16 +179,21 @@ class MirrorMap(AbstractMirrorMap):
         lo0, hi0 = -zmax, zmax
 
         def body(carry):
-            i, z, lo, hi, _ = carry
+            i, z, lo, hi, done = carry
             f = self._F(z) - target
             lo = jnp.where(f < 0, z, lo)
             hi = jnp.where(f > 0, z, hi)
             step = f / jnp.exp(self._log_h_nodes(z[None])[0])
             z_new = z - step
+            # a step below the tolerance has converged, even where rounding puts it on the
+            # bracket's edge (bisecting there restarted the search from the far end: ~50
+            # iterations more for every coordinate)
+            converged = (f == 0) | (jnp.abs(step) <= 1e-14 * (1 + jnp.abs(z)))
             inside = (z_new > lo) & (z_new < hi)
-            z_new = jnp.where(inside, z_new, 0.5 * (lo + hi))
-            done = (f == 0) | (jnp.abs(z_new - z) <= 1e-14 * (1 + jnp.abs(z)))
-            return i + 1, z_new, lo, hi, done
+            z_new = jnp.where(inside | converged, z_new, 0.5 * (lo + hi))
+            # a converged coordinate stays put: its value does not depend on the others'
+            z_new = jnp.where(done, z, z_new)
+            return i + 1, z_new, lo, hi, done | converged
 
         def cond(carry):
             i, _, _, _, done = carry
@@ -211,6 +232,18 @@ class MirrorMap(AbstractMirrorMap):
             lo, hi = self.domain()
             val = jnp.where(jnp.any((xi >= hi) | (xi <= lo)), jnp.inf, val)
         return val
+
+    def psi_and_dual(self, xi, lo, hi):
+        # one solve for z(xi) serves both, and the domain is computed once by the caller:
+        # the same operations as `psi` and `dual`, so the same values
+        v = self._v(self._z_of_xi(xi))
+        theta = self._theta_of_v(v)
+        val = jnp.sum(0.5 * (v**2 - self.a**2))
+        if self.depth > 2:
+            theta = jnp.where(xi >= hi, jnp.inf, theta)
+            theta = jnp.where(xi <= lo, -jnp.inf, theta)
+            val = jnp.where(jnp.any((xi >= hi) | (xi <= lo)), jnp.inf, val)
+        return theta, val
 
     @eqx.filter_jit
     def metric(self, theta):

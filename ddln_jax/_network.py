@@ -130,13 +130,15 @@ def check_assumption_a(
     **Raises:** `ValueError` (with `strict=True`) naming the coordinates and the tied layers.
     """
     layers0 = check_layers(layers0)
-    a = jnp.abs(layers0)
-    amin = jnp.min(a, axis=0)
-    scale = jnp.maximum(jnp.max(a, axis=0), jnp.finfo(a.dtype).tiny)
+    # concrete layers: numpy on the host (the same exact operations, no program to compile)
+    xp = jnp if is_traced(layers0) or is_traced(rtol) else np
+    a = xp.abs(layers0 if xp is jnp else np.asarray(layers0))
+    amin = xp.min(a, axis=0)
+    scale = xp.maximum(xp.max(a, axis=0), xp.finfo(a.dtype).tiny)
     tied = a <= amin + rtol * scale
-    ok = jnp.sum(tied, axis=0) == 1
+    ok = xp.sum(tied, axis=0) == 1
     if strict:
-        if is_traced(ok):
+        if xp is jnp:
             raise ValueError("`strict=True` needs concrete `layers0` (not under jit/vmap).")
         ok_np = np.asarray(ok)
         if not ok_np.all():
@@ -154,7 +156,7 @@ def check_assumption_a(
                 "`parameterization=dd.tied(L)` with `dd.TiedMirrorMap`, or `dd.init_yun` "
                 "(Corollary 1: one zero layer, the others alpha*ubar), which satisfies (A)."
             )
-    return ok
+    return ok if xp is jnp else jax.device_put(ok)  # (put: `jnp.asarray` compiles)
 
 
 def to_reduced(
@@ -202,12 +204,32 @@ class ReducedInit(eqx.Module):
 
 def reduced_init(layers0: Float[Array, "depth dim"]) -> ReducedInit:
     """Permute to v (Section 2.1) and collect Delta_j, the signs and v^1(0)."""
+    if not is_traced(layers0):
+        return _reduced_init_host(np.asarray(layers0))
     k = minimal_layer(layers0)
     v0 = to_reduced(layers0, k)
     a = v0[0]
     deltas = v0[1:] ** 2 - a**2
     signs = jnp.where(v0[1:] >= 0, 1.0, -1.0).astype(v0.dtype)
     return ReducedInit(k=k, a=a, deltas=deltas, signs=signs, s=jnp.prod(signs, axis=0))
+
+
+def _reduced_init_host(layers0: np.ndarray) -> ReducedInit:
+    """`reduced_init` of concrete layers in numpy: the same exact, elementwise operations (a
+    gather, one square and one subtraction per entry, signs) as op-by-op JAX, so the same
+    bits, without compiling a program for each of them."""
+    depth = layers0.shape[-2]
+    k = np.argmin(np.abs(layers0), axis=-2)
+    rows = np.arange(depth)[:, None]
+    perm = np.where(rows == 0, k[None, :], np.where(rows == k[None, :], 0, rows))
+    v0 = np.take_along_axis(layers0, perm, axis=-2)
+    a = v0[0]
+    deltas = v0[1:] ** 2 - a**2
+    signs = np.where(v0[1:] >= 0, 1.0, -1.0).astype(v0.dtype)
+    # (put, not `jnp.asarray`: that compiles a small program per shape)
+    k, a, deltas, signs, s = jax.device_put(
+        (k.astype(jnp.result_type(int)), a, deltas, signs, np.prod(signs, axis=0)))
+    return ReducedInit(k=k, a=a, deltas=deltas, signs=signs, s=s)
 
 
 def theta_from_v1(v1, red: ReducedInit):

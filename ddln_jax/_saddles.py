@@ -21,7 +21,6 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
-from scipy.optimize import nnls
 
 from ._loss import LeastSquares
 from ._mirror import MirrorMap, ShallowMirrorMap
@@ -120,6 +119,8 @@ def _constrained_ls(X, y, signs):
     beta = np.zeros(X.shape[1])
     idx = np.flatnonzero(signs)
     if idx.size:
+        from scipy.optimize import nnls  # (lazy: scipy.optimize costs ~0.5 s to import)
+
         z, _ = nnls(X[:, idx] * signs[idx], y, maxiter=50 * max(idx.size, 10))
         beta[idx] = signs[idx] * z
     return beta, 2.0 * X.T @ (X @ beta - y)

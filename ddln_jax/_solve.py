@@ -215,17 +215,25 @@ def first_nonfinite(ts, theta, loss, result, ok, t_final):
     return result, ok & ~any_bad, t_final
 
 
-def warn_if_stationary(layers0, problem, parameterization, what: str) -> None:
-    """Outside of jit: warn when the flow cannot move from `layers0` (zero gradient with
-    respect to the layers while grad L(theta0) is not zero: a saddle, e.g. two zero layers
-    in a coordinate, or an all-zero initialization)."""
-    if is_traced(jax.tree_util.tree_leaves(layers0)[0]):
-        return
+def stationary_signal(layers0, problem, parameterization):
+    """`(max |du/dt|, max |grad L|)` at `layers0` (traceable): the flow cannot move from
+    `layers0` when the first is 0 while the second is not (a saddle, e.g. two zero layers in
+    a coordinate, or an all-zero initialization). Computed inside the solve's program, so the
+    check costs no eager work; `warn_if_stationary` reads it afterwards."""
     field = layer_vector_field(parameterization)
     th0 = parameterization(layers0)
     du, g = field(0.0, (layers0, jnp.zeros_like(th0)), problem)
-    du_max = max(float(jnp.max(jnp.abs(x))) for x in jax.tree_util.tree_leaves(du))
-    if du_max == 0.0 and float(jnp.max(jnp.abs(g))) > 0.0:
+    du_max = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree_util.tree_leaves(du)]))
+    return du_max, jnp.max(jnp.abs(g))
+
+
+def warn_if_stationary(signal, what: str) -> None:
+    """Outside of jit: warn when `stationary_signal` says the flow cannot move from
+    `layers0` (zero gradient with respect to the layers while grad L(theta0) is not zero)."""
+    du_max, g_max = signal
+    if is_traced(du_max):
+        return
+    if float(du_max) == 0.0 and float(g_max) > 0.0:
         warnings.warn(
             f"{what}: `layers0` is a stationary point (the gradient with respect to the layers "
             "is exactly 0 while grad L(theta0) is not): the flow stays at this saddle forever. "

@@ -31,7 +31,9 @@ def as_float_array(name: str, x) -> jax.Array:
             "it does not drop imaginary parts for you)."
         )
     try:
-        x = jnp.asarray(x)
+        # a numpy array is put on the device as it is (`jnp.asarray` of one compiles a small
+        # program per shape); scalars and lists keep `jnp.asarray`'s (weak) types
+        x = jax.device_put(x) if isinstance(x, np.ndarray) else jnp.asarray(x)
     except TypeError as e:
         raise TypeError(f"`{name}` must be an array of numbers, got {type(x).__name__}.") from e
     if x.dtype != jnp.result_type(float):

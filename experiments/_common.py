@@ -21,14 +21,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+import ddln_jax as dd  # noqa: E402
 from ddln_jax.plotting import use_style  # noqa: E402
 
 from ._cli import parser  # noqa: E402
 
 
 def setup(out) -> Path:
-    """float64 on, the shared plot style, and the output folder."""
+    """float64 on, JAX's persistent compilation cache (`dd.enable_compilation_cache`: off with
+    DDLN_JAX_NO_CACHE=1), the shared plot style, and the output folder."""
     jax.config.update("jax_enable_x64", True)
+    dd.enable_compilation_cache()
     use_style()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

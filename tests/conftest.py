@@ -5,7 +5,12 @@ import jax
 import jax.random as jr
 import pytest
 
+import ddln_jax as dd
+
 jax.config.update("jax_enable_x64", True)
+# the suite compiles the same programs on every run: load them from JAX's persistent cache
+# (`$DDLN_JAX_CACHE`, default ~/.cache/ddln_jax/jax; off with DDLN_JAX_NO_CACHE=1)
+dd.enable_compilation_cache()
 
 
 def pytest_xdist_auto_num_workers(config):

@@ -1,6 +1,9 @@
 """Implicit bias: the dual Newton prediction against long flows, KKT conditions and LPs."""
 
+import contextlib
 
+import equinox as eqx
+import jax
 import numpy as np
 import pytest
 from helpers import random_layers, random_problem, run_float32
@@ -184,3 +187,41 @@ def test_float32_inputs_promoted_with_x64():
     assert bool(a.converged) and a.theta.dtype == np.float64
     np.testing.assert_array_equal(a.theta, b.theta)
     np.testing.assert_allclose(X32.astype(float) @ np.asarray(a.theta), y32, atol=1e-10)
+
+
+@contextlib.contextmanager
+def _counting_compiles():
+    """Backend compiles (jax.monitoring) while the block runs."""
+    seen = []
+
+    def on(event, secs, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            seen.append(secs)
+
+    jax.monitoring.register_event_duration_secs_listener(on)
+    try:
+        yield seen
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on)
+
+
+def test_one_program_and_no_retrace(monkeypatch):
+    # a call is one compiled program (nothing op by op around it), traced once per shape:
+    # new values of the layers, X and y of the same shapes neither retrace nor compile
+    from ddln_jax import _bias
+
+    guarded = eqx.filter_jit(eqx.debug.assert_max_traces(_bias._solve.__wrapped__, max_traces=2))
+    monkeypatch.setattr(_bias, "_solve", guarded)
+    X, y = random_problem(31, 3, 5)
+    dd.implicit_bias(random_layers(31, 3, 5), X[:2], y[:2])  # (another shape: warms up JAX)
+    X, y = random_problem(32, 2, 7)
+    u0, u1, X2, y1 = random_layers(32, 3, 7), random_layers(33, 3, 7), 2 * X, y + 1
+    with _counting_compiles() as first:
+        a = dd.implicit_bias(u0, X, y)
+    with _counting_compiles() as second:
+        b = dd.implicit_bias(u1, X2, y1)
+    assert len(first) == 1 and len(second) == 0
+    # the system it solved: X theta = y, each time
+    assert a.converged and b.converged
+    np.testing.assert_allclose(X @ np.asarray(a.theta), y, atol=1e-10)
+    np.testing.assert_allclose(X2 @ np.asarray(b.theta), y1, atol=1e-10)

@@ -140,3 +140,15 @@ def test_sweep_cli_uses_or_refuses_explicit_values(monkeypatch, tmp_path):
     with pytest.raises(Stop):
         sweep.main(out=tmp_path, progress=False)
     assert seen["t1"] == sweep.QUICK["t1"] and seen["seeds"] == sweep.QUICK["seeds"]
+
+
+def test_latency_rows_run_in_fresh_processes(tmp_path):
+    # experiments.latency: each row a new process (cache off); the import ratio is a target
+    from experiments import latency
+
+    rep = latency.main(out=tmp_path, names=["import jax, diffrax, equinox, optax",
+                                            "import ddln_jax", "metric"], warm=False)
+    rows = rep["rows"]
+    assert rows["metric"]["first"] > rows["metric"]["best_later"] > 0
+    assert rows["metric"]["compiles"] >= 1 and "import" in rep["targets"]
+    assert (tmp_path / "latency.md").read_text().startswith("| call |")

@@ -354,3 +354,29 @@ def test_unreached_stop_tolerance_warns():
 def test_vector_valued_loss_refused_naming_problem():
     with pytest.raises(TypeError, match="`problem` must return a scalar loss.*shape \\(3,\\)"):
         dd.gradient_flow(jnp.ones((2, 3)), lambda th: th**2, t1=1.0, ts=[0.0, 1.0])
+
+
+def test_one_program_per_call(getkey):
+    # after a first call (JAX's own small programs), a call of a new shape compiles exactly
+    # one program, the check of a stationary init included; new values compile nothing
+    seen = []
+
+    def on(event, secs, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            seen.append(secs)
+
+    X, y = jr.normal(getkey(), (4, 3)), jr.normal(getkey(), (4,))
+    dd.gradient_flow(dd.init_gaussian(getkey(), 2, 3), dd.LeastSquares(X, y), t1=1.0,
+                     ts=jnp.linspace(0, 1, 3))
+    X, y = jr.normal(getkey(), (5, 6)), jr.normal(getkey(), (5,))
+    u0, u1 = dd.init_gaussian(getkey(), 3, 6), dd.init_gaussian(getkey(), 3, 6)
+    ts = jnp.linspace(0, 1, 4)
+    jax.monitoring.register_event_duration_secs_listener(on)
+    try:
+        first = dd.gradient_flow(u0, dd.LeastSquares(X, y), t1=1.0, ts=ts)
+        n_first = len(seen)
+        second = dd.gradient_flow(u1, dd.LeastSquares(X, y), t1=1.0, ts=ts, rtol=1e-7)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on)
+    assert n_first == 1 and len(seen) == 1
+    assert first.ok and second.ok

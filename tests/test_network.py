@@ -1,5 +1,6 @@
 """The network: inits, Assumption (A), the reduced-variable maths."""
 
+import jax
 import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 from helpers import random_layers
 
 import ddln_jax as dd
+from ddln_jax import _network as dd_network
 
 
 def test_initializers(getkey):
@@ -75,3 +77,24 @@ def test_padded_init_and_masked_sigma(init):
     assert float(dd.sigma(u[:3])) == pytest.approx(want, rel=1e-12)
     with pytest.raises(ValueError, match="`init`"):
         dd._network.init_padded(key, 3, 6, 4, 0.7, "uniform")
+
+
+@pytest.mark.parametrize("depth", [2, 3, 5])
+def test_host_paths_equal_op_by_op_jax(depth):
+    # concrete layers are reduced (and checked for (A)) in numpy, without compiling; under
+    # vmap (no jit) the same jnp code runs op by op: the two must agree to the bit
+    rng = np.random.default_rng(depth)
+    u = rng.standard_normal((depth, 6))
+    u[0, 2] = 0.0  # a zero layer
+    u[:, 3] = 1.0 + np.arange(depth)
+    u[:2, 3] = 0.1, -0.1  # a tie of the smallest: (A) fails at coordinate 3
+    host = dd_network.reduced_init(jnp.asarray(u))
+    eager = jax.vmap(dd_network.reduced_init)(jnp.asarray(u)[None])
+    for name in ("k", "a", "deltas", "signs", "s"):
+        h, e = np.asarray(getattr(host, name)), np.asarray(getattr(eager, name))[0]
+        assert h.dtype == e.dtype and h.tobytes() == e.tobytes(), name
+    for rtol in (0.0, 0.3):
+        ok_host = dd.check_assumption_a(u, rtol=rtol)
+        ok_eager = jax.vmap(lambda x: dd.check_assumption_a(x, rtol=rtol))(jnp.asarray(u)[None])
+        np.testing.assert_array_equal(np.asarray(ok_host), np.asarray(ok_eager)[0])
+    assert not bool(dd.check_assumption_a(u)[3])

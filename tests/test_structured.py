@@ -55,7 +55,7 @@ def test_kvaerno5_flow_against_scipy_and_diffrax_dense():
     # diffrax's Kvaerno5 with its own (dense) Newton solve: the same iteration up to the
     # round-off of another linear solve, which the Newton iterations (stopped at rtol 1e-10)
     # carry on: the same steps, values to 10 rtol (measured: 6e-12)
-    dense = _flow._solve_layers(
+    dense, _ = _flow._solve_layers(
         u0,
         p,
         0.0,

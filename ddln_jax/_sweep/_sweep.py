@@ -17,7 +17,6 @@ import equinox as eqx
 import jax
 import jax.random as jr
 import numpy as np
-from tqdm.auto import tqdm
 
 from .._loss import LeastSquares, as_problem
 from .._validate import check_times, check_tolerances
@@ -247,6 +246,8 @@ def sweep(problem, *, depths, scales, seeds, t1, ts, init: str = "gaussian", t0=
     if done and progress:
         print(f"resuming: {done} of {plan.B} done", file=sys.stderr, flush=True)
     methods.stats = Stats()
+    from tqdm.auto import tqdm  # (lazy: only a sweep shows a bar)
+
     with tqdm(total=plan.B, initial=done, desc="sweep", unit="traj",
               disable=not progress) as bar:
         Scheduler(store=store, methods=methods, book=book, batched=batched, tsn=tsn, t1=t1,
