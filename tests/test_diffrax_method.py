@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 import pytest
+from helpers import scipy_layers
 
 import ddln_jax as dd
 from ddln_jax._sweep import _advance, _slots
@@ -172,7 +173,22 @@ def test_whole_runs_take_the_same_steps(case):
     assert np.all(np.abs(steps_d - steps) <= 2 * own + 2), (steps_d, steps, own)
     # theta at the save times: to 1e-12, or within the flow's own amplification of one ulp
     diff = np.abs(np.asarray(other.saves) - np.asarray(fused.saves)).max(axis=(1, 2))
-    assert np.all(diff <= np.maximum(1e-12, 20 * spread)), (diff, spread)
+    bound = np.maximum(1e-12, 20 * spread)
+    if case == "b":
+        # at the stability limit a member's step sequence can separate from the fused one's
+        # where one ulp of u0 does not separate it (seen with jax 0.11.2: 7e-9 apart against
+        # a one-ulp spread of 6e-11): the two Tsit5 runs are then two solves of the flow at
+        # rtol 1e-8, each within its global error of the true flow. The true flow: scipy's
+        # LSODA at rtol 1e-12 (agrees with Radau to 1e-13 here), independent of both.
+        ref = np.stack([np.prod(scipy_layers(np.asarray(p.X), np.asarray(p.y),
+                                             np.asarray(u0[b]), np.asarray(ts),
+                                             method="LSODA"), axis=1)
+                        for b in range(u0.shape[0])])
+        err = np.abs(np.asarray(fused.saves) - ref).max(axis=(1, 2))
+        err_d = np.abs(np.asarray(other.saves) - ref).max(axis=(1, 2))
+        assert np.all(err <= 100 * RTOL) and np.all(err_d <= 100 * RTOL), (err, err_d)
+        bound = np.maximum(bound, 2 * err)
+    assert np.all(diff <= bound), (diff, spread)
     if case != "b":  # accuracy-limited steps: most members to 1e-12
         assert np.mean(diff <= 1e-12) >= 0.5
 
