@@ -1,14 +1,13 @@
 """Implicit bias: the dual Newton prediction against long flows, KKT conditions and LPs."""
 
-import contextlib
 
 import equinox as eqx
-import jax
 import numpy as np
 import pytest
 from helpers import random_layers, random_problem, run_float32
 
 import ddln_jax as dd
+from experiments._bench_tools import _counting_compiles
 
 
 def _sparse_problem(seed=0, n=5, d=10):
@@ -189,22 +188,6 @@ def test_float32_inputs_promoted_with_x64():
     np.testing.assert_allclose(X32.astype(float) @ np.asarray(a.theta), y32, atol=1e-10)
 
 
-@contextlib.contextmanager
-def _counting_compiles():
-    """Backend compiles (jax.monitoring) while the block runs."""
-    seen = []
-
-    def on(event, secs, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            seen.append(secs)
-
-    jax.monitoring.register_event_duration_secs_listener(on)
-    try:
-        yield seen
-    finally:
-        jax.monitoring.unregister_event_duration_listener(on)
-
-
 def test_one_program_and_no_retrace(monkeypatch):
     # a call is one compiled program (nothing op by op around it), traced once per shape:
     # new values of the layers, X and y of the same shapes neither retrace nor compile
@@ -220,7 +203,7 @@ def test_one_program_and_no_retrace(monkeypatch):
         a = dd.implicit_bias(u0, X, y)
     with _counting_compiles() as second:
         b = dd.implicit_bias(u1, X2, y1)
-    assert len(first) == 1 and len(second) == 0
+    assert first["n"] == 1 and second["n"] == 0
     # the system it solved: X theta = y, each time
     assert a.converged and b.converged
     np.testing.assert_allclose(X @ np.asarray(a.theta), y, atol=1e-10)

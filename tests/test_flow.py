@@ -11,6 +11,7 @@ from helpers import random_layers, random_problem, run_float32, scipy_layers
 from scipy.integrate import solve_ivp
 
 import ddln_jax as dd
+from experiments._bench_tools import _counting_compiles
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -359,24 +360,15 @@ def test_vector_valued_loss_refused_naming_problem():
 def test_one_program_per_call(getkey):
     # after a first call (JAX's own small programs), a call of a new shape compiles exactly
     # one program, the check of a stationary init included; new values compile nothing
-    seen = []
-
-    def on(event, secs, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            seen.append(secs)
-
     X, y = jr.normal(getkey(), (4, 3)), jr.normal(getkey(), (4,))
     dd.gradient_flow(dd.init_gaussian(getkey(), 2, 3), dd.LeastSquares(X, y), t1=1.0,
                      ts=jnp.linspace(0, 1, 3))
     X, y = jr.normal(getkey(), (5, 6)), jr.normal(getkey(), (5,))
     u0, u1 = dd.init_gaussian(getkey(), 3, 6), dd.init_gaussian(getkey(), 3, 6)
     ts = jnp.linspace(0, 1, 4)
-    jax.monitoring.register_event_duration_secs_listener(on)
-    try:
+    with _counting_compiles() as seen:
         first = dd.gradient_flow(u0, dd.LeastSquares(X, y), t1=1.0, ts=ts)
-        n_first = len(seen)
+        n_first = seen["n"]
         second = dd.gradient_flow(u1, dd.LeastSquares(X, y), t1=1.0, ts=ts, rtol=1e-7)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(on)
-    assert n_first == 1 and len(seen) == 1
+    assert n_first == 1 and seen["n"] == 1
     assert first.ok and second.ok
